@@ -1,0 +1,119 @@
+"""Building the async Redis client from a URL, with one retry policy.
+
+Supported URLs:
+
+- ``redis://[[user]:password@]host[:port][/db]``
+- ``rediss://...`` (TLS; ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile`` and
+  ``ssl_cert_reqs`` may be given as query parameters, as redis-py reads them)
+- ``unix:///path/to/redis.sock[?db=0]``
+- ``redis+sentinel://[[user]:password@]host1:port1[,host2:port2...]/service[/db]``:
+  the client asks the Sentinels for the current primary of ``service`` and
+  follows failovers (redis-py's ``SentinelConnectionPool``).
+
+The client returned owns its connection pool; close it with ``await client.aclose()``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import ExponentialWithJitterBackoff
+
+from .errors import ConfigurationError
+
+_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel")
+
+
+def default_retry() -> Retry:
+    """A few quick retries with jittered exponential backoff for transient errors.
+
+    Coordinator's own loops add their own, longer backoff on top; this only
+    smooths over a single dropped connection.
+    """
+    return Retry(ExponentialWithJitterBackoff(cap=0.25, base=0.01), retries=2)
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ``***``, safe to log."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def create_redis(url: str, **overrides: Any) -> Redis:
+    """Build a ``redis.asyncio.Redis`` for ``url``.
+
+    ``overrides`` are passed to redis-py (``decode_responses``, ``socket_timeout``,
+    ``client_name``, ...).
+
+    Raises:
+        ConfigurationError: the URL's scheme is not one of ``redis``, ``rediss``,
+            ``unix``, ``redis+sentinel``, or the URL is malformed.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        raise ConfigurationError(f"Redis URL {redact_url(url)!r} is malformed: {exc}") from None
+    if parts.scheme not in _SCHEMES:
+        raise ConfigurationError(
+            f"Redis URL {redact_url(url)!r} has scheme {parts.scheme!r}; use one of "
+            + ", ".join(f"{s}://" for s in _SCHEMES)
+        )
+    options: dict[str, Any] = {
+        "retry": default_retry(),
+        "socket_connect_timeout": 5,
+        "socket_keepalive": True,
+        "health_check_interval": 10,
+    }
+    options.update(overrides)
+    if parts.scheme.endswith("+sentinel"):
+        return _sentinel_client(url, options)
+    try:
+        return Redis.from_url(url, **options)
+    except ValueError as exc:
+        raise ConfigurationError(f"Redis URL {redact_url(url)!r} is invalid: {exc}") from None
+
+
+def _sentinel_client(url: str, options: dict[str, Any]) -> Redis:
+    parts = urlsplit(url)
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    hosts: list[tuple[str, int]] = []
+    for item in netloc.split(","):
+        host, _, port = item.rpartition(":") if ":" in item else (item, "", "26379")
+        try:
+            hosts.append((host or "localhost", int(port)))
+        except ValueError:
+            raise ConfigurationError(
+                f"Sentinel address {item!r} in {redact_url(url)!r} needs host:port"
+            ) from None
+    path = [p for p in parts.path.split("/") if p]
+    if not path:
+        raise ConfigurationError(
+            f"Sentinel URL {redact_url(url)!r} must name the service: "
+            "redis+sentinel://host:26379/mymaster[/db]"
+        )
+    service = path[0]
+    db = int(path[1]) if len(path) > 1 else 0
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    if parts.scheme.startswith("rediss"):
+        options["ssl"] = True
+    if parts.password is not None:
+        options["password"] = unquote(parts.password)
+    if parts.username:
+        options["username"] = unquote(parts.username)
+    sentinel_kwargs: dict[str, Any] = {"socket_connect_timeout": 2}
+    if "sentinel_password" in query:
+        sentinel_kwargs["password"] = query["sentinel_password"]
+    sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_kwargs, db=db, **options)  # type: ignore[no-untyped-call]
+    client: Redis = sentinel.master_for(service)
+    return client

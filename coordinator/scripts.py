@@ -1,0 +1,62 @@
+"""Every Lua script coordinator runs, loaded once from ``coordinator/lua/``.
+
+A script may start with ``--! include: NAME`` lines; the named files of ``lua/``
+are prepended, so shared checks (``lease_lib``) are written once.
+
+Scripts run with ``EVALSHA``; when the server does not know the script (a
+restart, ``SCRIPT FLUSH``, a failover) it is sent once with ``EVAL`` and cached
+again by the server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Sequence
+from importlib import resources
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
+
+_INCLUDE = re.compile(r"^--! include: ([a-z_]+)\s*$", re.MULTILINE)
+
+KeyT = str | bytes
+ArgT = str | bytes | int | float
+
+
+def _read(name: str) -> str:
+    return resources.files("coordinator").joinpath("lua", f"{name}.lua").read_text("utf-8")
+
+
+class LuaScript:
+    """One Lua script: its source (with includes resolved) and SHA1."""
+
+    def __init__(self, name: str, includes: Sequence[str] = ()) -> None:
+        body = _read(name)
+        names = list(includes) + [n for n in _INCLUDE.findall(body) if n not in includes]
+        self.name = name
+        self.source = "\n".join([*(_read(n) for n in names), body])
+        self.sha = hashlib.sha1(self.source.encode("utf-8")).hexdigest()
+
+    async def __call__(
+        self,
+        redis: Redis,
+        keys: Sequence[KeyT] = (),
+        args: Sequence[ArgT] = (),
+    ) -> Any:
+        """Run the script on ``redis`` and return its reply."""
+        try:
+            return await redis.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return await redis.eval(self.source, len(keys), *keys, *args)
+
+    def __repr__(self) -> str:
+        return f"LuaScript({self.name!r})"
+
+
+ACQUIRE = LuaScript("acquire")
+RENEW = LuaScript("renew", includes=["lease_lib"])
+RELEASE = LuaScript("release", includes=["lease_lib"])
+CHECK = LuaScript("check", includes=["lease_lib"])
+READ_LEASE = LuaScript("read_lease")

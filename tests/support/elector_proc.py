@@ -1,0 +1,56 @@
+"""Child process: one LeaderElector, reporting its terms as JSON lines.
+
+Usage: python -m tests.support.elector_proc REDIS_URL NAMESPACE INSTANCE_ID
+Timing settings come from COORDINATOR_* variables. SIGTERM stops it gracefully
+(the lease is released). Events: ready, elected, revoked (with the server-side
+check of the term just ended), stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+
+from coordinator import CoordinatorSettings, LeaderElector, Term, create_redis
+from coordinator.scripts import CHECK
+
+from .procs import emit
+
+
+async def main(url: str, namespace: str, instance_id: str) -> None:
+    settings = CoordinatorSettings(redis_url=url, namespace=namespace, instance_id=instance_id)
+    redis = create_redis(url)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    last: list[Term] = []
+
+    def elected(token: int) -> None:
+        term = elector.term
+        assert term is not None
+        last.append(term)
+        emit("elected", token=token, instance_id=instance_id)
+
+    async def revoked(reason: str) -> None:
+        emit("revoked", reason=reason, token=last[-1].token if last else None,
+             instance_id=instance_id)
+        if last:
+            try:
+                still = bool(await CHECK(redis, [elector.keys.lease(elector.name)],
+                                         [last[-1].lease_value]))
+            except Exception as exc:  # Redis may be down: report, do not guess
+                emit("server_check", token=last[-1].token, error=repr(exc))
+            else:
+                emit("server_check", token=last[-1].token, current=still)
+
+    elector = LeaderElector(redis, settings, on_elected=elected, on_revoked=revoked)
+    await elector.start()
+    emit("ready", instance_id=instance_id)
+    await stop.wait()
+    await elector.stop()
+    await redis.aclose()
+    emit("stopped", instance_id=instance_id)
+
+
+if __name__ == "__main__":
+    asyncio.run(main(*sys.argv[1:4]))
