@@ -348,8 +348,8 @@ class LeaderElector:
                 # names a dead client. Give it back and try again at once.
                 await RELEASE(conn, [self._lease_key], [value_s, self._notices, "retry"])
                 return
+            self._renewed_mono = started  # the term's clock starts before the SET
             await self._begin_term(Term(int(info["fencing_token"]), value_s, client_id))
-            self._renewed_mono = started
             return
         if self._crash_check and await self._holder_is_gone(conn, value):
             return  # lease deleted: campaign again immediately

@@ -67,7 +67,7 @@ class CoordinatorSettings(BaseSettings):
 
     redis_url: str = Field(
         default="redis://127.0.0.1:6379/0",
-        validation_alias=AliasChoices("redis_url", "COORDINATOR_REDIS_URL", "REDIS_URL"),
+        validation_alias=AliasChoices("COORDINATOR_REDIS_URL", "REDIS_URL", "redis_url"),
         description="redis://, rediss:// (TLS), unix:// or redis+sentinel:// URL.",
     )
     namespace: str = Field(default="coordinator", description="Prefix of every Redis key.")

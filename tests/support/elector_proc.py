@@ -32,12 +32,17 @@ async def main(url: str, namespace: str, instance_id: str) -> None:
         emit("elected", token=token, instance_id=instance_id)
 
     async def revoked(reason: str) -> None:
-        emit("revoked", reason=reason, token=last[-1].token if last else None,
-             instance_id=instance_id)
+        emit(
+            "revoked",
+            reason=reason,
+            token=last[-1].token if last else None,
+            instance_id=instance_id,
+        )
         if last:
             try:
-                still = bool(await CHECK(redis, [elector.keys.lease(elector.name)],
-                                         [last[-1].lease_value]))
+                still = bool(
+                    await CHECK(redis, [elector.keys.lease(elector.name)], [last[-1].lease_value])
+                )
             except Exception as exc:  # Redis may be down: report, do not guess
                 emit("server_check", token=last[-1].token, error=repr(exc))
             else:

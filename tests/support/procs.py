@@ -32,13 +32,18 @@ def emit(event: str, **fields: Any) -> None:
 class Proc:
     """A child process started with ``python -m module args...`` from the repo root."""
 
-    def __init__(self, module: str, *args: str, env: dict[str, str] | None = None,
-                 name: str = "") -> None:
+    def __init__(
+        self, module: str, *args: str, env: dict[str, str] | None = None, name: str = ""
+    ) -> None:
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.name = name or module
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", module, *args], cwd=ROOT, env=full_env,
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            [sys.executable, "-m", module, *args],
+            cwd=ROOT,
+            env=full_env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             start_new_session=True,
         )
         self.events: list[dict[str, Any]] = []
@@ -121,8 +126,9 @@ def stop_all(procs: Iterable[Proc]) -> None:
             proc.kill()
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str,
-             procs: Iterable[Proc] = ()) -> Any:
+def wait_for(
+    predicate: Callable[[], Any], timeout: float, what: str, procs: Iterable[Proc] = ()
+) -> Any:
     """Poll until ``predicate()`` is truthy; on timeout, fail with the children's stderr."""
     deadline = time.monotonic() + timeout
     while True:
@@ -130,7 +136,8 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str,
         if value:
             return value
         if time.monotonic() > deadline:
-            detail = "\n".join(f"--- {p.name} (pid {p.pid}, alive={p.alive})\n{p.stderr_tail()}"
-                               for p in procs)
+            detail = "\n".join(
+                f"--- {p.name} (pid {p.pid}, alive={p.alive})\n{p.stderr_tail()}" for p in procs
+            )
             raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{detail}")
         time.sleep(0.02)

@@ -1,0 +1,218 @@
+"""LeaderElector in one process against real redis-server processes.
+
+Multi-process scenarios (kill, pause, many electors) are in test_election_procs.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+from redis.asyncio import Redis
+
+from coordinator import CoordinatorSettings, LeaderElector, create_redis
+from coordinator.testing import RedisServer, async_wait_until
+
+FAST = {
+    "lease_ttl_ms": 1500,
+    "renew_interval_ms": 300,
+    "renew_deadline_ms": 1000,
+    "retry_period_ms": 300,
+    "backoff_max_ms": 500,
+}
+
+
+class Recorder:
+    """Collects one elector's callbacks."""
+
+    def __init__(self) -> None:
+        self.elected: list[int] = []
+        self.revoked: list[str] = []
+
+    def on_elected(self, token: int) -> None:
+        self.elected.append(token)
+
+    async def on_revoked(self, reason: str) -> None:
+        await asyncio.sleep(0)  # async callbacks are awaited
+        self.revoked.append(reason)
+
+
+Make = Callable[..., tuple[LeaderElector, Recorder]]
+
+
+@pytest.fixture
+async def make(namespace: str) -> AsyncIterator[Make]:
+    """Build electors with fast timings; all are stopped after the test."""
+    made: list[LeaderElector] = []
+
+    def build(
+        redis: Redis, instance_id: str, **overrides: object
+    ) -> tuple[LeaderElector, Recorder]:
+        settings = CoordinatorSettings(
+            namespace=namespace, instance_id=instance_id, **{**FAST, **overrides}
+        )  # type: ignore[arg-type]
+        rec = Recorder()
+        elector = LeaderElector(
+            redis, settings, on_elected=rec.on_elected, on_revoked=rec.on_revoked
+        )
+        made.append(elector)
+        return elector, rec
+
+    yield build
+    for elector in made:
+        await elector.stop()
+
+
+def leaders(electors: list[LeaderElector]) -> list[LeaderElector]:
+    return [e for e in electors if e.is_leader]
+
+
+async def test_single_elector_leads_and_reports(redis_client: Redis, make: Make) -> None:
+    elector, rec = make(redis_client, "solo")
+    await elector.start()
+    term = await elector.wait_for_leadership(timeout=5)
+    assert rec.elected == [term.token] and elector.token == term.token
+    assert await elector.check()
+    info = await elector.leader()
+    assert info is not None
+    assert info.instance_id == "solo" and info.fencing_token == term.token
+    assert 0 < info.ttl_ms <= 1500 and info.renewed_at >= info.acquired_at
+    public = info.as_dict()
+    assert set(public) == {
+        "instance_id",
+        "hostname",
+        "pid",
+        "fencing_token",
+        "acquired_at",
+        "renewed_at",
+        "ttl_ms",
+    }
+    # renewals keep the lease alive well past its TTL
+    first = info.renewed_at
+    await async_wait_until(lambda: _renewed_after(elector, first), timeout=5)
+    await asyncio.sleep(0)
+    assert elector.is_leader and await elector.check()
+
+
+async def _renewed_after(elector: LeaderElector, when: object) -> bool:
+    info = await elector.leader()
+    return info is not None and info.renewed_at > when  # type: ignore[operator]
+
+
+async def test_graceful_release_hands_over_at_once(redis_client: Redis, make: Make) -> None:
+    pairs = [make(redis_client, f"e{i}") for i in range(3)]
+    electors = [e for e, _ in pairs]
+    for e in electors:
+        await e.start()
+    await async_wait_until(lambda: len(leaders(electors)) == 1, timeout=5)
+    old = leaders(electors)[0]
+    old_token = old.token
+    assert old_token is not None
+    started = time.monotonic()
+    await old.stop()
+    rest = [e for e in electors if e is not old]
+    # Followers campaign on the release notice, not after retry_period (300 ms).
+    await async_wait_until(lambda: len(leaders(rest)) == 1, timeout=2, interval=0.002)
+    handoff = time.monotonic() - started
+    new = leaders(rest)[0]
+    assert new.token is not None and new.token > old_token
+    assert not old.is_leader and pairs[electors.index(old)][1].revoked == ["released"]
+    assert handoff < 1.0, f"handoff took {handoff:.3f}s"
+
+
+async def test_lease_lost_is_noticed_and_revoked(redis_client: Redis, make: Make) -> None:
+    elector, rec = make(redis_client, "a", retry_period_ms=900)
+    await elector.start()
+    term = await elector.wait_for_leadership(timeout=5)
+    # Someone overwrites the lease (an operator, a split brain after failover).
+    await redis_client.set(elector.keys.lease(elector.name), b'{"instance_id":"x"}', px=60000)
+    await async_wait_until(lambda: rec.revoked, timeout=3)
+    assert rec.revoked == ["lease lost"] and not elector.is_leader
+    assert elector.term is None and not await elector.check()
+    assert term.token == rec.elected[0]
+
+
+async def test_paused_redis_makes_leader_step_down_before_ttl(make: Make) -> None:
+    with RedisServer() as server:
+        redis = create_redis(server.url, socket_timeout=0.5)
+        a, rec_a = make(redis, "a")
+        b, _ = make(redis, "b")
+        await a.start()
+        await a.wait_for_leadership(timeout=5)
+        await b.start()
+        server.pause()
+        paused = time.monotonic()
+        try:
+            await async_wait_until(lambda: not a.is_leader, timeout=5)
+            stepped = time.monotonic() - paused
+            # No renewal for renew_deadline (1.0 s): gone before the 1.5 s TTL could end.
+            assert stepped < 1.5, stepped
+            await async_wait_until(lambda: rec_a.revoked, timeout=3)
+            assert rec_a.revoked[0] == "renew deadline exceeded"
+            assert not b.is_leader  # nobody can win while Redis is unreachable
+        finally:
+            server.resume()
+        await async_wait_until(lambda: a.is_leader or b.is_leader, timeout=10)
+        assert len(leaders([a, b])) == 1
+        await redis.aclose()
+
+
+async def test_restart_with_data_loss_keeps_tokens_increasing(make: Make) -> None:
+    with RedisServer() as server:
+        redis = create_redis(server.url, socket_timeout=1)
+        electors = [make(redis, f"e{i}")[0] for i in range(2)]
+        for e in electors:
+            await e.start()
+        await async_wait_until(lambda: leaders(electors), timeout=5)
+        before = leaders(electors)[0].token
+        assert before is not None
+        old_pid = server.pid
+        server.restart()  # empty: the lease and the fencing counter are gone
+        assert server.pid != old_pid
+        await async_wait_until(
+            lambda: any(e.is_leader and (e.token or 0) > before for e in electors),
+            timeout=15,
+        )
+        await asyncio.sleep(0)
+        assert len(leaders(electors)) == 1
+        await redis.aclose()
+
+
+async def test_killed_leader_connection_triggers_takeover(redis_client: Redis, make: Make) -> None:
+    a, rec_a = make(redis_client, "a")
+    b, _ = make(redis_client, "b")
+    await a.start()
+    term = await a.wait_for_leadership(timeout=5)
+    await b.start()
+    # The lease names a's lease connection; cut it, as a crash would.
+    await redis_client.client_kill_filter(_id=term.client_id)
+    await async_wait_until(lambda: b.is_leader, timeout=5)
+    assert (b.token or 0) > term.token
+    await async_wait_until(lambda: rec_a.revoked, timeout=5)
+    assert rec_a.revoked[0] in {"lease lost", "connection replaced"}
+
+
+async def test_failing_callback_does_not_stop_the_elector(
+    redis_client: Redis, namespace: str
+) -> None:
+    calls: list[int] = []
+
+    def broken(token: int) -> None:
+        calls.append(token)
+        raise RuntimeError("observer bug")
+
+    settings = CoordinatorSettings(namespace=namespace, instance_id="a", **FAST)  # type: ignore[arg-type]
+    elector = LeaderElector(redis_client, settings, on_elected=broken)
+    async with elector:
+        await elector.wait_for_leadership(timeout=5)
+        await asyncio.sleep(0.7)  # two renewals
+        assert elector.is_leader and calls
+
+
+def test_bad_election_name_rejected(namespace: str) -> None:
+    from coordinator import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="election name"):
+        LeaderElector(create_redis("redis://127.0.0.1:1/0"), CoordinatorSettings(), name="a b")
