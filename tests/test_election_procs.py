@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import signal
 import time
 from collections.abc import Iterator
@@ -116,7 +117,7 @@ def test_eight_processes_one_leader_for_twenty_seconds(redis_url: str, cluster_f
     assert samples > 50
     # No two terms ever overlapped, on any process's own clock (monotonic is system-wide).
     terms = intervals(cluster.procs)
-    for (s1, e1, *_), (s2, _e2, *_) in zip(terms, terms[1:], strict=False):
+    for (_s1, e1, *_), (s2, _e2, *_) in itertools.pairwise(terms):
         assert s2 >= e1, terms
 
 
