@@ -9,8 +9,8 @@ from pathlib import Path
 
 
 def main() -> int:
-    names = sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent))
-                   if not m.name.startswith("_"))
+    here = str(Path(__file__).parent)
+    names = sorted(m.name for m in pkgutil.iter_modules([here]) if not m.name.startswith("_"))
     if len(sys.argv) < 2 or sys.argv[1] not in names:
         print("usage: python -m bench NAME [args...]; benchmarks: " + ", ".join(names))
         return 2
