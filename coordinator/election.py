@@ -49,101 +49,30 @@ import random
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
+from .backoff import Backoff
 from .keys import Keys
-from .scripts import ACQUIRE, CHECK, READ_LEASE, RELEASE, RENEW
+from .lease import LeaderInfo, Term, read_leader
+from .scripts import ACQUIRE, CHECK, RELEASE, RENEW
 from .settings import CoordinatorSettings, check_name
+
+__all__ = [
+    "ElectedCallback",
+    "LeaderElector",
+    "LeaderInfo",
+    "RevokedCallback",
+    "Term",
+    "read_leader",
+]
 
 logger = logging.getLogger("coordinator.election")
 
 ElectedCallback = Callable[[int], Awaitable[None] | None]
 RevokedCallback = Callable[[str], Awaitable[None] | None]
-
-
-@dataclass(frozen=True)
-class Term:
-    """One leadership term of this process: its fencing token and exact lease value."""
-
-    token: int
-    lease_value: str
-    client_id: int
-
-
-@dataclass(frozen=True)
-class LeaderInfo:
-    """Who holds a lease, as read from Redis."""
-
-    instance_id: str
-    hostname: str
-    pid: int
-    fencing_token: int
-    acquired_at: datetime
-    renewed_at: datetime
-    ttl_ms: int
-    client_id: int
-
-    def as_dict(self) -> dict[str, Any]:
-        """The public view (``GET /api/leader``): no client id."""
-        return {
-            "instance_id": self.instance_id,
-            "hostname": self.hostname,
-            "pid": self.pid,
-            "fencing_token": self.fencing_token,
-            "acquired_at": self.acquired_at.isoformat(),
-            "renewed_at": self.renewed_at.isoformat(),
-            "ttl_ms": self.ttl_ms,
-        }
-
-
-def _ms_to_dt(ms: float) -> datetime:
-    return datetime.fromtimestamp(ms / 1000, tz=UTC)
-
-
-def parse_lease(value: bytes | str, pttl_ms: int, now_ms: int) -> LeaderInfo:
-    """Build a :class:`LeaderInfo` from a lease value and its remaining TTL."""
-    data = json.loads(value)
-    ttl_total = int(data.get("ttl_ms", 0))
-    return LeaderInfo(
-        instance_id=str(data["instance_id"]),
-        hostname=str(data.get("hostname", "")),
-        pid=int(data.get("pid", 0)),
-        fencing_token=int(data["fencing_token"]),
-        acquired_at=_ms_to_dt(int(data["acquired_at"])),
-        renewed_at=_ms_to_dt(now_ms - max(0, ttl_total - pttl_ms)),
-        ttl_ms=max(0, pttl_ms),
-        client_id=int(data.get("client_id", 0)),
-    )
-
-
-async def read_leader(redis: Redis, keys: Keys, election: str) -> LeaderInfo | None:
-    """The current holder of ``election``'s lease, or ``None``. One round trip."""
-    value, pttl, now_ms = await READ_LEASE(redis, [keys.lease(election)])
-    if value is None or int(pttl) < 0:
-        return None
-    return parse_lease(value, int(pttl), int(now_ms))
-
-
-class Backoff:
-    """Exponential backoff with full jitter: ``uniform(0, min(cap, base * 2**n))``."""
-
-    def __init__(self, base: float, cap: float) -> None:
-        self.base = base
-        self.cap = cap
-        self.failures = 0
-
-    def next(self) -> float:
-        delay = min(self.cap, self.base * (2**self.failures))
-        self.failures += 1
-        return random.uniform(delay / 2, delay)
-
-    def reset(self) -> None:
-        self.failures = 0
 
 
 async def _call(callback: Callable[..., Any], *args: Any) -> None:
