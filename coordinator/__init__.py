@@ -3,6 +3,8 @@
 - :class:`LeaderElector`: one leader across every worker and pod, with fencing tokens.
 - :class:`CoordinatorSettings`: every setting, validated, from the environment.
 - :func:`create_redis`: the async Redis client for a URL (TLS, unix, Sentinel).
+- :class:`EventRelay`: events to every SSE client on every process, with replay;
+  :func:`channel_router` serves them over HTTP.
 - :class:`LeaderScheduler`: APScheduler jobs run by the leader only, each fire claimed once.
 - :func:`run_once`: cluster-wide run-once for startup work.
 """
@@ -19,17 +21,24 @@ from .errors import (
     OnceFailedError,
     RedisUnavailableError,
 )
+from .events import EventId
 from .firing import JobContext
 from .keys import Keys
 from .once import run_once
+from .relay import EventRelay
 from .runs import RunRecord
 from .scheduler import LeaderScheduler
 from .settings import CoordinatorSettings
+from .sse import ChannelEventResponse, allow_all, channel_router
+from .subscription import Subscription
 
 __all__ = [
+    "ChannelEventResponse",
     "ConfigurationError",
     "CoordinatorError",
     "CoordinatorSettings",
+    "EventId",
+    "EventRelay",
     "EventTooLargeError",
     "InvalidEventError",
     "InvalidEventIdError",
@@ -42,7 +51,10 @@ __all__ = [
     "OnceFailedError",
     "RedisUnavailableError",
     "RunRecord",
+    "Subscription",
     "Term",
+    "allow_all",
+    "channel_router",
     "create_redis",
     "read_leader",
     "redact_url",

@@ -60,6 +60,8 @@ RENEW = LuaScript("renew", includes=["lease_lib"])
 RELEASE = LuaScript("release", includes=["lease_lib"])
 CHECK = LuaScript("check", includes=["lease_lib"])
 READ_LEASE = LuaScript("read_lease")
+PUBLISH = LuaScript("publish")
+REPLAY = LuaScript("replay")
 # Scheduler: claim a fire (lease check + SET NX + last fire), and cluster-wide run-once.
 CLAIM_FIRE = LuaScript("claim_fire")
 ONCE_BEGIN = LuaScript("once_begin")

@@ -90,6 +90,12 @@ class CoordinatorSettings(BaseSettings):
     relay_client_queue: int = Field(default=1000, gt=0, description="Events buffered per client.")
     sse_ping_s: float = Field(default=15.0, gt=0)
     sse_retry_ms: int = Field(default=1000, gt=0)
+    relay_keepalive_s: float = Field(
+        default=5.0, gt=0, description="Pub/Sub PING interval; twice this without a reply = down."
+    )
+    relay_subscribe_timeout_s: float = Field(
+        default=5.0, gt=0, description="How long a new subscriber waits for the listener."
+    )
 
     job_history: int = Field(default=1000, gt=0, description="Job runs kept in Redis.")
     job_claim_ttl_s: int = Field(default=7 * 86400, gt=0, description="Life of a fire claim.")
