@@ -34,7 +34,7 @@ ENVELOPE_VERSION = b"1"
 
 _CHANNEL_RE = re.compile(NAME_PATTERN)
 _EVENT_RE = re.compile(EVENT_NAME_PATTERN)
-_ID_RE = re.compile(r"(\d{1,20})-(\d{1,20})")
+_ID_RE = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
 _U64 = 2**64
 
 

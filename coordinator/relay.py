@@ -81,12 +81,11 @@ class ReplayResult:
     """What :data:`~coordinator.scripts.REPLAY` read: entries after an id, and gap facts."""
 
     def __init__(self, reply: list[Any]) -> None:
-        exists, last_generated, max_deleted, first_id, entries = reply
+        exists, last_generated, first_id, trimmed, entries = reply
         self.exists = bool(exists)
         self.last_generated = parse_event_id(last_generated) if last_generated else None
-        # 0-0 means nothing was ever deleted
-        self.max_deleted = parse_event_id(max_deleted) if max_deleted else None
         self.first_id = parse_event_id(first_id) if first_id else None
+        self.trimmed = int(trimmed)  # 1 yes, 0 no, -1 unknown (Redis < 7.0)
         self.entries: list[tuple[EventId, bytes]] = []
         for raw_id, fields in entries:
             values = dict(zip(map(_bytes, fields[::2]), map(_bytes, fields[1::2]), strict=True))
@@ -101,10 +100,12 @@ class ReplayResult:
             return None
         if self.last_generated is not None and after > self.last_generated:
             return "unknown-id"
-        if self.max_deleted is not None:
-            return "trimmed" if self.max_deleted > after else None
-        # Redis < 7.0 has no max-deleted-entry-id: assume a gap when the oldest is newer.
-        return "trimmed" if self.first_id is not None and self.first_id > after else None
+        # Trimming removes the oldest entries, so events after `after` were lost if the
+        # oldest retained is newer than `after` (conservative: `after` itself may have
+        # been the newest entry removed).
+        if self.trimmed == 0 or self.first_id is None:
+            return None
+        return "trimmed" if self.first_id > after else None
 
 
 class EventRelay:

@@ -1,0 +1,280 @@
+"""EventRelay in one process against real Redis servers: publish, replay, reset,
+overflow, and recovery of the listener (CLIENT KILL, Redis restart)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from coordinator import (
+    CoordinatorSettings,
+    EventRelay,
+    EventTooLargeError,
+    InvalidEventError,
+    InvalidEventIdError,
+    RedisUnavailableError,
+    Subscription,
+    create_redis,
+)
+from coordinator.events import parse_event_id, validate_event
+from coordinator.keys import Keys
+from coordinator.scripts import PUBLISH
+from coordinator.testing import async_wait_until, free_port
+
+
+def settings(url: str, namespace: str, **overrides: Any) -> CoordinatorSettings:
+    values: dict[str, Any] = {"redis_url": url, "namespace": namespace, "relay_keepalive_s": 1.0}
+    values.update(overrides)
+    return CoordinatorSettings(**values)
+
+
+@contextlib.asynccontextmanager
+async def running(conf: CoordinatorSettings) -> AsyncIterator[EventRelay]:
+    relay = EventRelay(conf)
+    await relay.start()
+    try:
+        await relay.wait_ready(10)
+        yield relay
+    finally:
+        await relay.stop()
+
+
+class Reader:
+    """Consumes a subscription in the background, parsing frames."""
+
+    def __init__(self, sub: Subscription) -> None:
+        self.sub = sub
+        self.events: list[tuple[str | None, str, Any]] = []
+        self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        async for chunk in self.sub:
+            for block in chunk.decode().split("\n\n"):
+                if not block:
+                    continue
+                fields = dict(line.split(": ", 1) for line in block.split("\n"))
+                self.events.append((fields.get("id"), fields["event"], json.loads(fields["data"])))
+
+    def data(self, event: str = "message") -> list[Any]:
+        return [d for _, e, d in self.events if e == event]
+
+    def ids(self) -> list[str]:
+        return [i for i, e, _ in self.events if e == "message" and i is not None]
+
+    async def wait_count(self, n: int, timeout: float = 15) -> None:
+        await async_wait_until(lambda: len(self.data()) >= n, timeout,
+                               message=f"{len(self.data())}/{n} events for {self.sub}")  # fmt: skip
+
+
+async def test_publish_returns_stream_id_and_envelope_matches(redis_url: str, namespace: str) -> None:
+    conf = settings(redis_url, namespace)
+    async with running(conf) as relay, await relay.subscribe("news") as sub:
+        reader = Reader(sub)
+        first = await relay.publish("news", {"n": 1})
+        second = await relay.publish("news", [1, "two"], event="update")
+        assert parse_event_id(second) > parse_event_id(first)
+        await reader.wait_count(1)
+        await async_wait_until(lambda: len(reader.events) == 2, 5)
+        assert reader.events == [(first, "message", {"n": 1}), (second, "update", [1, "two"])]
+        client = create_redis(redis_url)
+        try:
+            entries = await client.xrange(Keys(namespace).stream("news"))
+            assert [e[0].decode() for e in entries] == [first, second]
+            assert 0 < await client.ttl(Keys(namespace).stream("news")) <= conf.relay_stream_ttl_s
+        finally:
+            await client.aclose()
+
+
+async def test_publish_rejects_bad_input(redis_url: str, namespace: str) -> None:
+    relay = EventRelay(settings(redis_url, namespace, relay_max_event_bytes=100))
+    try:
+        with pytest.raises(InvalidEventError, match="channel"):
+            await relay.publish("no spaces", 1)
+        with pytest.raises(EventTooLargeError):
+            await relay.publish("news", "x" * 200)
+        with pytest.raises(InvalidEventError, match="JSON"):
+            await relay.publish("news", {"s": {1}})
+        with pytest.raises(InvalidEventIdError):
+            await relay.subscribe("news", last_event_id="garbage")
+    finally:
+        await relay.stop()
+
+
+async def test_replay_after_id_then_live_without_gap_or_duplicate(
+    redis_url: str, namespace: str
+) -> None:
+    async with running(settings(redis_url, namespace)) as relay:
+        ids = [await relay.publish("ch", i) for i in range(10)]
+        async with await relay.subscribe("ch", last_event_id=ids[3]) as sub:
+            reader = Reader(sub)
+            ids += [await relay.publish("ch", i) for i in range(10, 15)]
+            await reader.wait_count(11)
+            assert reader.data() == list(range(4, 15))
+            assert reader.ids() == ids[4:]
+
+
+async def test_concurrent_subscribes_while_publishing_never_gap_or_duplicate(
+    redis_url: str, namespace: str
+) -> None:
+    """Subscribers join mid-burst at random ids: the replay/live overlap is merged by id."""
+    async with running(settings(redis_url, namespace)) as relay:
+        ids: list[str] = []
+        total = 400
+
+        async def publisher() -> None:
+            for i in range(total):
+                ids.append(await relay.publish("burst", i))
+                if i % 7 == 0:
+                    await asyncio.sleep(0)
+
+        task = asyncio.create_task(publisher())
+        readers: list[tuple[int, Reader]] = []
+        rng = random.Random(4)
+        while not task.done() and len(readers) < 30:
+            await asyncio.sleep(rng.uniform(0, 0.01))
+            if ids:
+                start = rng.randrange(len(ids))
+                sub = await relay.subscribe("burst", last_event_id=ids[start])
+                readers.append((start + 1, Reader(sub)))
+        await task
+        assert len(readers) >= 5
+        for start, reader in readers:
+            await reader.wait_count(total - start)
+            assert reader.data() == list(range(start, total)), f"joined after {start}"
+            await reader.sub.aclose()
+        assert relay.subscribers == 0
+
+
+async def test_reset_when_history_was_trimmed(redis_url: str, namespace: str) -> None:
+    async with running(settings(redis_url, namespace, relay_history=10)) as relay:
+        first = await relay.publish("small", 0)
+        for i in range(1, 400):  # MAXLEN ~ trims whole stream nodes (100 entries)
+            await relay.publish("small", i)
+        async with await relay.subscribe("small", last_event_id=first) as sub:
+            reader = Reader(sub)
+            await async_wait_until(lambda: reader.data(), 5)
+            kind, reset = reader.events[0][1], reader.events[0][2]
+            assert (kind, reset["reason"], reset["last_event_id"]) == ("reset", "trimmed", first)
+            retained = reader.data()
+            assert retained == list(range(400 - len(retained), 400))  # the newest, in order
+            assert 10 <= len(retained) < 399
+            assert relay.resets_sent == 1
+
+
+async def test_reset_for_an_id_from_another_history(redis_url: str, namespace: str) -> None:
+    async with running(settings(redis_url, namespace)) as relay:
+        await relay.publish("ch", "old")
+        async with await relay.subscribe("ch", last_event_id="99999999999999-0") as sub:
+            reader = Reader(sub)
+            await relay.publish("ch", "new")
+            await reader.wait_count(1)
+            assert [e[1] for e in reader.events] == ["reset", "message"]
+            assert reader.events[0][2]["reason"] == "unknown-id"
+            assert reader.data() == ["new"]  # live events are not mistaken for duplicates
+
+
+async def test_slow_subscriber_is_cut_at_the_limit_others_get_everything(
+    redis_url: str, namespace: str
+) -> None:
+    async with running(settings(redis_url, namespace, relay_client_queue=20)) as relay:
+        slow = await relay.subscribe("ch")  # never read
+        closed: list[str] = []
+        slow.on_close(closed.append)
+        fast = Reader(await relay.subscribe("ch"))
+        for i in range(100):
+            await relay.publish("ch", i)
+        await fast.wait_count(100)
+        assert fast.data() == list(range(100))
+        assert closed == ["overflow"] and slow.closed == "overflow"
+        assert slow.queued == 0  # its memory is released at once
+        assert relay.clients_dropped == 1 and relay.subscribers == 1
+        assert [chunk async for chunk in slow] == []  # iteration ends
+
+
+async def test_stop_ends_subscriptions(redis_url: str, namespace: str) -> None:
+    relay = EventRelay(settings(redis_url, namespace))
+    await relay.start()
+    await relay.wait_ready(10)
+    reader = Reader(await relay.subscribe("ch"))
+    await relay.stop()
+    await asyncio.wait_for(reader.task, 5)
+    assert reader.sub.closed == "shutdown" and not relay.ready and relay.status == "stopped"
+
+
+async def test_not_ready_without_redis_and_subscribe_fails_clearly(namespace: str) -> None:
+    conf = settings(f"redis://127.0.0.1:{free_port()}/0", namespace,
+                    relay_subscribe_timeout_s=0.5)  # fmt: skip
+    relay = EventRelay(conf)
+    await relay.start()
+    try:
+        await async_wait_until(lambda: relay.status.startswith("down"), 10)
+        assert not relay.ready
+        with pytest.raises(RedisUnavailableError, match="not subscribed"):
+            await relay.subscribe("ch")
+        with pytest.raises(RedisUnavailableError, match="could not publish"):
+            await relay.publish("ch", 1)
+    finally:
+        await relay.stop()
+
+
+async def kill_listeners_and_publish(url: str, conf: CoordinatorSettings, channel: str,
+                                     data: Any) -> str:  # fmt: skip
+    """CLIENT KILL TYPE pubsub and a publish in one transaction: the event is published
+    while no listener is subscribed, so only a backfill from the stream can deliver it."""
+    encoded = validate_event(channel, data, "message", conf.relay_max_event_bytes)
+    keys = Keys(conf.namespace)
+    client = create_redis(url)
+    try:
+        async with client.pipeline(transaction=True) as pipe:
+            pipe.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+            pipe.eval(PUBLISH.source, 1, keys.stream(channel), keys.events(), channel, "message",
+                      encoded.data_json, conf.relay_history, conf.relay_stream_ttl_s)  # fmt: skip
+            killed, event_id = await pipe.execute()
+        assert killed >= 1
+        return str(event_id.decode())
+    finally:
+        await client.aclose()
+
+
+async def test_client_kill_pubsub_listener_recovers_and_backfills(
+    redis_server: Any, namespace: str
+) -> None:
+    conf = settings(redis_server.url, namespace)
+    async with running(conf) as relay:
+        reader = Reader(await relay.subscribe("ch"))
+        await relay.publish("ch", 0)
+        missed = await kill_listeners_and_publish(redis_server.url, conf, "ch", 1)
+        await reader.wait_count(2)
+        await relay.publish("ch", 2)
+        await reader.wait_count(3)
+        assert reader.data() == [0, 1, 2]
+        assert reader.ids()[1] == missed
+        assert relay.reconnects == 1 and relay.backfilled_events >= 1 and relay.ready
+
+
+async def test_redis_restart_live_delivery_resumes(redis_server: Any, namespace: str) -> None:
+    conf = settings(redis_server.url, namespace, backoff_max_ms=500)
+    async with running(conf) as relay:
+        reader = Reader(await relay.subscribe("ch"))
+        await relay.publish("ch", "before")
+        await reader.wait_count(1)
+        redis_server.restart()
+
+        async def publish_after() -> bool:
+            try:
+                await relay.publish("ch", "after")
+                return True
+            except RedisUnavailableError:
+                return False
+
+        await async_wait_until(publish_after, 15, interval=0.05)
+        await reader.wait_count(2)
+        await async_wait_until(lambda: relay.ready, 15)
+        assert reader.data() == ["before", "after"]
+        assert relay.reconnects >= 1
