@@ -72,7 +72,9 @@ class Reader:
                                message=f"{len(self.data())}/{n} events for {self.sub}")  # fmt: skip
 
 
-async def test_publish_returns_stream_id_and_envelope_matches(redis_url: str, namespace: str) -> None:
+async def test_publish_returns_stream_id_and_appends_to_stream(
+    redis_url: str, namespace: str
+) -> None:
     conf = settings(redis_url, namespace)
     async with running(conf) as relay, await relay.subscribe("news") as sub:
         reader = Reader(sub)

@@ -33,7 +33,7 @@ def test_parse_event_id(text: str, expected: EventId) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["", "abc", "1-2-3", "-1-0", "1", "1-", "-1", "1.5-0", "１-0", "18446744073709551616-0",
+    ["", "abc", "1-2-3", "-1-0", "1", "1-", "-1", "1.5-0", "\uff11-0", "18446744073709551616-0",
      "1-18446744073709551616", "1-0\n2", "x" * 10_000, "1-0; DROP"],
 )  # fmt: skip
 def test_parse_event_id_rejects_garbage(text: str) -> None:

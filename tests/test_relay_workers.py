@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from coordinator import CoordinatorSettings
+from coordinator.testing import async_wait_until
 
 from .support.relay_cluster import HOST, RelayCluster, wait_messages
 from .support.sse_client import SSEClient
@@ -161,10 +162,8 @@ async def test_redis_restart_mid_stream(redis_server: Any, namespace: str) -> No
         code, took = app.stop()
         assert code == 0, app.proc.stderr_tail()
         assert took < 15, f"uvicorn took {took:.1f}s to stop with open SSE streams"
-        deadline = time.monotonic() + 10
-        while not all(c.ended for c in clients) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        assert all(c.ended for c in clients)
+        await async_wait_until(lambda: all(c.ended for c in clients), 10,
+                               message="streams still open after shutdown")  # fmt: skip
     finally:
         for client in clients:
             await client.close()
