@@ -55,12 +55,14 @@ Limits:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime, tzinfo
 from typing import Any, TypeVar
 
 from apscheduler.events import EVENT_JOB_MAX_INSTANCES  # type: ignore[import-untyped]
+from apscheduler.jobstores.base import JobLookupError  # type: ignore[import-untyped]
 from apscheduler.schedulers.asyncio import AsyncIOScheduler  # type: ignore[import-untyped]
 from apscheduler.schedulers.base import STATE_RUNNING  # type: ignore[import-untyped]
 from redis.asyncio import Redis
@@ -121,6 +123,7 @@ class LeaderScheduler:
         self.history = RunHistory(self.redis, self.keys, self.settings.job_history)
         self.cancel_on_revoke = cancel_on_revoke
         self._job_cancel: dict[str, bool] = {}
+        self._declared: dict[str, Any] = {}
         self._runner = FireRunner(
             self.redis,
             self.elector,
@@ -197,10 +200,14 @@ class LeaderScheduler:
             options["max_instances"] = max_instances
         if cancel_on_revoke is not None:
             self._job_cancel[job_id] = cancel_on_revoke
-        return self.apscheduler.add_job(
+        job = self.apscheduler.add_job(
             func, trigger, args=args, kwargs=kwargs, id=job_id, name=name or job_id,
             executor=_EXECUTOR, replace_existing=replace_existing, **options, **trigger_args,
         )  # fmt: skip
+        # APScheduler drops a job once its trigger is exhausted (a date job that
+        # fired); the declared list keeps it, so every process lists the same jobs.
+        self._declared[job_id] = job
+        return job
 
     def job(self, trigger: str | Any, **options: Any) -> Callable[[F], F]:
         """Decorator form of :meth:`add_job`: ``@scheduler.job("cron", minute="*/5")``."""
@@ -213,8 +220,10 @@ class LeaderScheduler:
 
     def remove_job(self, job_id: str) -> None:
         """Remove a job from this process (declare removals on every process)."""
-        self.apscheduler.remove_job(job_id)
+        self._declared.pop(job_id, None)
         self._job_cancel.pop(job_id, None)
+        with contextlib.suppress(JobLookupError):
+            self.apscheduler.remove_job(job_id)
 
     # -- lifecycle --------------------------------------------------------------
     async def start(self) -> None:
@@ -304,9 +313,13 @@ class LeaderScheduler:
         now = datetime.now(UTC)
         leading = self.is_leading and self.apscheduler.state == STATE_RUNNING
         out = []
-        for job in self.apscheduler.get_jobs():
+        scheduled = {job.id: job for job in self.apscheduler.get_jobs()}
+        for job_id, declared in self._declared.items():
+            job = scheduled.get(job_id, declared)
             prev_ms = last.get(job.id)
-            if leading:
+            if job_id not in scheduled:
+                nxt = None  # exhausted here
+            elif leading:
                 nxt = getattr(job, "next_run_time", None)
             else:
                 prev = utc_from_ms(prev_ms) if prev_ms is not None else None
