@@ -10,7 +10,7 @@
 """
 
 from .connection import create_redis, redact_url
-from .election import LeaderElector, LeaderInfo, Term, read_leader
+from .election import LeaderElector
 from .errors import (
     ConfigurationError,
     CoordinatorError,
@@ -23,7 +23,9 @@ from .errors import (
 )
 from .events import EventId
 from .firing import JobContext
+from .integration import Coordinator
 from .keys import Keys
+from .lease import LeaderInfo, Term, read_leader
 from .once import run_once
 from .relay import EventRelay
 from .runs import RunRecord
@@ -35,6 +37,7 @@ from .subscription import Subscription
 __all__ = [
     "ChannelEventResponse",
     "ConfigurationError",
+    "Coordinator",
     "CoordinatorError",
     "CoordinatorSettings",
     "EventId",

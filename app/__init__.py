@@ -1,0 +1,1 @@
+"""The demo service: a FastAPI app wired with a coordinator.Coordinator."""

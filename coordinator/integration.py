@@ -1,0 +1,251 @@
+"""Coordinator: one object that wires election, scheduler and relay into a FastAPI app.
+
+::
+
+    coordinator = Coordinator()            # settings from COORDINATOR_* / REDIS_URL
+
+    @coordinator.job("interval", seconds=10, id="collect-metrics")
+    async def collect(ctx: JobContext) -> None:
+        await coordinator.publish("jobs", {"ran": ctx.job_id})
+
+    app = FastAPI(lifespan=coordinator.lifespan)
+    coordinator.install(app)               # health, status, channels, metrics routes
+
+Routes added by :meth:`Coordinator.install` (the demo's HTTP contract):
+``GET /healthz``, ``GET /readyz``, ``GET /api/instance``, ``GET /api/leader``,
+``GET /api/jobs``, ``GET /api/jobs/runs?limit=N``,
+``POST|GET /api/channels/{channel}/events`` and ``GET /metrics``.
+
+Guarantees and limits:
+
+- The lifespan never blocks startup on Redis: with Redis unreachable the
+  process serves, ``/readyz`` answers 503 with the reason, and everything
+  recovers by itself when Redis comes back (``fail_fast=True`` instead exits
+  with one clear error if Redis cannot be reached within ``startup_timeout``).
+- On shutdown the scheduler stops starting fires, running jobs get
+  ``shutdown_timeout`` seconds to finish, the lease is released (another
+  process leads within milliseconds), open SSE streams end, and the Redis
+  client this object created is closed. A client passed in is not closed.
+- Role ``api`` never campaigns or runs jobs; ``worker`` is for
+  ``coordinator worker`` processes that serve no HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Query
+from fastapi.responses import JSONResponse
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from .connection import create_redis, redact_url
+from .election import LeaderElector
+from .errors import RedisUnavailableError
+from .lease import read_leader
+from .metrics import CoordinatorMetrics
+from .relay import EventRelay
+from .scheduler import LeaderScheduler
+from .settings import CoordinatorSettings
+from .sse import INSTANCE_HEADER, ChannelAuthorizer, allow_all, channel_router
+
+logger = logging.getLogger("coordinator")
+
+
+class Coordinator:
+    """Redis client, :class:`LeaderElector`, :class:`LeaderScheduler` and
+    :class:`EventRelay` for one process, with a FastAPI lifespan and routes.
+
+    Args:
+        settings: defaults to ``CoordinatorSettings()`` (the environment).
+        redis: a client to use (not closed by this object); default: one built
+            from ``settings.redis_url`` and owned.
+        authorize: the channel authorization hook (see :mod:`coordinator.sse`).
+        fail_fast: exit the lifespan with :class:`RedisUnavailableError` when Redis
+            is unreachable at startup, instead of serving 503 until it is back.
+        startup_timeout: how long ``fail_fast`` waits for Redis.
+        shutdown_timeout: how long running jobs may finish on shutdown.
+        cancel_on_revoke: default for jobs: cancel async jobs when leadership ends.
+    """
+
+    def __init__(
+        self,
+        settings: CoordinatorSettings | None = None,
+        *,
+        redis: Redis | None = None,
+        authorize: ChannelAuthorizer = allow_all,
+        fail_fast: bool = False,
+        startup_timeout: float = 10.0,
+        shutdown_timeout: float = 10.0,
+        cancel_on_revoke: bool = False,
+    ) -> None:
+        self.settings = settings or CoordinatorSettings()
+        self._owns_redis = redis is None
+        self.redis = redis if redis is not None else create_redis(self.settings.redis_url)
+        self.elector = LeaderElector(self.redis, self.settings)
+        self.scheduler = LeaderScheduler(
+            self.redis, self.settings, elector=self.elector, cancel_on_revoke=cancel_on_revoke
+        )
+        self.relay = EventRelay(self.settings, self.redis)
+        self.metrics = CoordinatorMetrics(self)
+        self.authorize = authorize
+        self.fail_fast = fail_fast
+        self.startup_timeout = startup_timeout
+        self.shutdown_timeout = shutdown_timeout
+        self.hostname = socket.gethostname()
+        self.pid = os.getpid()
+        self._started = False
+
+    # -- declaring work -----------------------------------------------------------
+    def job(self, trigger: str | Any, **options: Any) -> Callable[[Any], Any]:
+        """Declare a job (see :meth:`LeaderScheduler.job`)."""
+        return self.scheduler.job(trigger, **options)
+
+    async def publish(self, channel: str, data: Any, event: str = "message") -> str:
+        """Publish to every subscriber on every process (:meth:`EventRelay.publish`)."""
+        return await self.relay.publish(channel, data, event=event)
+
+    async def once(self, name: str, fn: Callable[[], Any], **options: Any) -> Any:
+        """Cluster-wide run-once (see :func:`coordinator.once.run_once`)."""
+        return await self.scheduler.once(name, fn, **options)
+
+    # -- lifecycle ----------------------------------------------------------------
+    async def start(self) -> None:
+        """Start the relay listener, the elector (unless role ``api``) and the scheduler."""
+        if self._started:
+            return
+        self._started = True
+        logger.info(
+            "%s: starting (role %s, namespace %s, redis %s)", self.settings.instance_id,
+            self.settings.role, self.settings.namespace, redact_url(self.settings.redis_url),
+        )  # fmt: skip
+        if self.fail_fast:
+            await self._wait_for_redis()
+        await self.relay.start()
+        if self.settings.campaigns:
+            await self.elector.start()
+        await self.scheduler.start()
+        self.metrics.start()
+
+    async def stop(self) -> None:
+        """Stop in the order that loses nothing: jobs, lease, streams, connections."""
+        if not self._started:
+            return
+        self._started = False
+        await self.metrics.stop()
+        await self.scheduler.stop(timeout=self.shutdown_timeout)
+        await self.elector.stop()
+        await self.relay.stop()
+        if self._owns_redis:
+            with contextlib.suppress(Exception):
+                await self.redis.aclose()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: FastAPI | None = None) -> AsyncIterator[None]:
+        """A FastAPI ``lifespan``: ``FastAPI(lifespan=coordinator.lifespan)``."""
+        await self.start()
+        try:
+            yield
+        finally:
+            await self.stop()
+
+    async def _wait_for_redis(self) -> None:
+        try:
+            async with asyncio.timeout(self.startup_timeout):
+                while True:
+                    try:
+                        await self.redis.ping()
+                        return
+                    except (RedisError, OSError):
+                        await asyncio.sleep(0.5)
+        except TimeoutError:
+            raise RedisUnavailableError(
+                f"Redis at {redact_url(self.settings.redis_url)} did not answer within "
+                f"{self.startup_timeout:.0f}s; check REDIS_URL, or start without fail_fast "
+                "to serve 503 on /readyz until it is back"
+            ) from None
+
+    # -- state --------------------------------------------------------------------
+    def instance(self) -> dict[str, Any]:
+        """``GET /api/instance``: the process that answers."""
+        return {
+            "instance_id": self.settings.instance_id,
+            "pid": self.pid,
+            "hostname": self.hostname,
+            "is_leader": self.elector.is_leader,
+        }
+
+    async def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Whether this process can serve: Redis answers and the relay is subscribed."""
+        checks: dict[str, Any] = {"relay": self.relay.status}
+        try:
+            async with asyncio.timeout(1.0):
+                await self.redis.ping()
+            checks["redis"] = "ok"
+        except (RedisError, OSError, TimeoutError) as exc:
+            checks["redis"] = f"unreachable: {type(exc).__name__}"
+        ready = checks["redis"] == "ok" and self.relay.ready
+        return ready, checks
+
+    # -- HTTP -----------------------------------------------------------------------
+    def router(self) -> APIRouter:
+        """Health, instance, leader and job routes (channels and metrics are separate)."""
+        router = APIRouter()
+        headers = {INSTANCE_HEADER: self.settings.instance_id}
+
+        @router.get("/healthz", tags=["health"], summary="Liveness: 200 while the process serves")
+        async def healthz() -> JSONResponse:
+            return JSONResponse({"status": "ok"}, headers=headers)
+
+        @router.get(
+            "/readyz",
+            tags=["health"],
+            summary="Readiness: 200 when Redis answers and the relay is subscribed",
+        )
+        async def readyz() -> JSONResponse:
+            ready, checks = await self.readiness()
+            body = {"status": "ready" if ready else "not ready",
+                    "instance_id": self.settings.instance_id, **checks}  # fmt: skip
+            return JSONResponse(body, status_code=200 if ready else 503, headers=headers)
+
+        @router.get("/api/instance", tags=["status"])
+        async def instance() -> JSONResponse:
+            return JSONResponse(self.instance(), headers=headers)
+
+        @router.get("/api/leader", tags=["status"])
+        async def leader() -> JSONResponse:
+            try:
+                info = await read_leader(self.redis, self.elector.keys, self.elector.name)
+            except (RedisError, OSError) as exc:
+                return JSONResponse({"detail": f"Redis unreachable: {type(exc).__name__}"},
+                                    status_code=503, headers=headers)  # fmt: skip
+            return JSONResponse({"leader": info.as_dict() if info else None}, headers=headers)
+
+        @router.get("/api/jobs", tags=["jobs"])
+        async def jobs() -> JSONResponse:
+            return JSONResponse({"jobs": await self.scheduler.list_jobs()}, headers=headers)
+
+        @router.get("/api/jobs/runs", tags=["jobs"])
+        async def runs(
+            limit: int = Query(50, ge=1, le=1000), job_id: str | None = Query(None)
+        ) -> JSONResponse:
+            try:
+                items = await self.scheduler.list_runs(limit, job_id)
+            except (RedisError, OSError) as exc:
+                return JSONResponse({"detail": f"Redis unreachable: {type(exc).__name__}"},
+                                    status_code=503, headers=headers)  # fmt: skip
+            return JSONResponse({"runs": items}, headers=headers)
+
+        return router
+
+    def install(self, app: FastAPI) -> None:
+        """Add every route of the contract to ``app``."""
+        app.include_router(self.router())
+        app.include_router(channel_router(self.relay, self.settings, authorize=self.authorize))
+        app.include_router(self.metrics.router())

@@ -1,0 +1,178 @@
+"""The demo's HTTP contract (shared/DESIGN.md), end to end against 4 real uvicorn workers."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+import pytest_asyncio
+
+from .support.relay_cluster import RelayCluster
+from .support.sse_client import SSEClient
+
+pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
+
+DEMO_ENV = {
+    "DEMO_COLLECT_EVERY_S": "1",
+    "DEMO_CLEANUP_EVERY_S": "2",
+    "DEMO_REPORT_CRON_SECOND": "*/3",
+    "COORDINATOR_RELAY_MAX_EVENT_BYTES": "2048",
+}
+LEADER_FIELDS = {"instance_id", "hostname", "pid", "fencing_token", "acquired_at", "renewed_at",
+                 "ttl_ms"}  # fmt: skip
+RUN_FIELDS = {"job_id", "scheduled_at", "started_at", "finished_at", "instance_id",
+              "fencing_token", "status"}  # fmt: skip
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def demo(redis_url: str) -> AsyncIterator[RelayCluster]:
+    import uuid
+
+    cluster = RelayCluster(redis_url, f"demo{uuid.uuid4().hex[:8]}", workers=4, env=DEMO_ENV,
+                           app="app.main:app")  # fmt: skip
+    try:
+        await cluster.wait_ready()
+        yield cluster
+    finally:
+        code, _ = cluster.stop()
+        assert code == 0, cluster.proc.stderr_tail()
+
+
+async def every_worker(demo: RelayCluster, path: str) -> dict[str, dict[str, Any]]:
+    """The JSON answer of ``path`` from each of the 4 workers, by instance."""
+    seen: dict[str, dict[str, Any]] = {}
+    deadline = time.monotonic() + 30
+    while len(seen) < demo.workers:
+        response = await demo.get(path)
+        assert response.status_code == 200, response.text
+        seen[response.headers["x-coordinator-instance"]] = response.json()
+        assert time.monotonic() < deadline, f"only reached {sorted(seen)}"
+    return seen
+
+
+async def test_health_and_instance(demo: RelayCluster) -> None:
+    assert (await demo.get("/healthz")).status_code == 200
+    ready = await demo.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["relay"] == "subscribed"
+    instances = await every_worker(demo, "/api/instance")
+    for instance_id, body in instances.items():
+        assert set(body) == {"instance_id", "pid", "hostname", "is_leader"}
+        assert body["instance_id"] == instance_id
+    assert len({b["pid"] for b in instances.values()}) == 4
+
+
+async def test_exactly_one_leader_and_it_is_reported(demo: RelayCluster) -> None:
+    deadline = time.monotonic() + 20
+    while True:
+        leader = (await demo.get("/api/leader")).json()["leader"]
+        instances = await every_worker(demo, "/api/instance")
+        leaders = [i for i, b in instances.items() if b["is_leader"]]
+        if leader and leaders == [leader["instance_id"]]:
+            break
+        assert time.monotonic() < deadline, (leader, leaders)
+        await asyncio.sleep(0.1)
+    assert set(leader) == LEADER_FIELDS
+    assert isinstance(leader["fencing_token"], int) and 0 < leader["ttl_ms"] <= 5000
+
+
+async def test_jobs_and_runs(demo: RelayCluster) -> None:
+    jobs = (await demo.get("/api/jobs")).json()["jobs"]
+    assert {j["id"] for j in jobs} == {"collect-metrics", "periodic-report", "cleanup"}
+    for job in jobs:
+        assert job["trigger"] and "next_fire_at" in job
+    deadline = time.monotonic() + 30
+    while True:
+        runs = (await demo.get("/api/jobs/runs?limit=5")).json()["runs"]
+        if len(runs) == 5:
+            break
+        assert time.monotonic() < deadline, runs
+        await asyncio.sleep(0.2)
+    for run in runs:
+        assert set(run) >= RUN_FIELDS, run
+    started = [r["started_at"] for r in runs]
+    assert started == sorted(started, reverse=True)  # newest first
+    scheduled = [(r["job_id"], r["scheduled_at"]) for r in runs]
+    assert len(set(scheduled)) == len(scheduled)  # each fire once
+
+
+@pytest.mark.parametrize("query", ["limit=0", "limit=5000", "limit=abc"])
+async def test_runs_bad_limit_is_422(demo: RelayCluster, query: str) -> None:
+    response = await demo.get(f"/api/jobs/runs?{query}")
+    assert response.status_code == 422 and "limit" in response.text
+
+
+async def test_publish_and_stream(demo: RelayCluster) -> None:
+    client = SSEClient("127.0.0.1", demo.port, "/api/channels/contract/events")
+    await client.connect()
+    assert client.status == 200
+    assert client.headers["content-type"].startswith("text/event-stream")
+    assert client.headers["x-coordinator-instance"]
+    client.start()
+    async with httpx.AsyncClient(base_url=demo.base) as http:
+        response = await http.post("/api/channels/contract/events",
+                                   json={"event": "message", "data": {"n": 1}})  # fmt: skip
+        assert response.status_code == 202, response.text
+        event_id = response.json()["id"]
+        assert re.fullmatch(r"\d+-\d+", event_id)
+    deadline = time.monotonic() + 10
+    while not client.of("message"):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+    message = client.of("message")[0]
+    assert message.id == event_id and message.json() == {"n": 1}
+    await client.close()
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status"),
+    [
+        ("/api/channels/ok/events", b'{"event": "message", "data": "' + b"x" * 4000 + b'"}', 413),
+        ("/api/channels/ok/events", b"{not json", 422),
+        ("/api/channels/ok/events", b'{"event": "message"}', 422),
+        ("/api/channels/ok/events", b'{"event": "", "data": 1}', 422),
+        ("/api/channels/bad%20name/events", b'{"data": 1}', 422),
+        ("/api/channels/" + "c" * 200 + "/events", b'{"data": 1}', 422),
+    ],
+)
+async def test_publish_bad_input(demo: RelayCluster, path: str, body: bytes, status: int) -> None:
+    async with httpx.AsyncClient(base_url=demo.base) as http:
+        response = await http.post(path, content=body,
+                                   headers={"content-type": "application/json"})  # fmt: skip
+    assert response.status_code == status, response.text
+    assert "detail" in response.json()
+
+
+@pytest.mark.parametrize("resume", ["garbage", "12-x", "-1-0", "9" * 40 + "-0"])
+async def test_stream_bad_last_event_id_is_400(demo: RelayCluster, resume: str) -> None:
+    response = await demo.get(f"/api/channels/ok/events?last_event_id={resume}")
+    assert response.status_code == 400, response.text
+    assert "Last-Event-ID" in response.json()["detail"]
+
+
+async def test_dashboard_page(demo: RelayCluster) -> None:
+    response = await demo.get("/")
+    assert response.status_code == 200 and "text/html" in response.headers["content-type"]
+    assert response.headers["x-coordinator-instance"] in response.text
+    assert "EventSource" in response.text
+
+
+async def test_metrics_aggregate_all_workers(demo: RelayCluster) -> None:
+    await every_worker(demo, "/api/instance")  # every worker has started and sampled
+    deadline = time.monotonic() + 15
+    while True:
+        text = (await demo.get("/metrics")).text
+        leaders = re.findall(r'^coordinator_is_leader\{[^}]*pid="(\d+)"[^}]*\} (\S+)$', text, re.M)
+        if len(leaders) == 4 and sum(float(v) for _, v in leaders) == 1.0:
+            break
+        assert time.monotonic() < deadline, text[:3000]
+        await asyncio.sleep(0.2)
+    assert re.search(r"^coordinator_elections_total \d", text, re.M)
+
+
+async def test_unknown_path_is_404(demo: RelayCluster) -> None:
+    assert (await demo.get("/api/nothing")).status_code == 404
