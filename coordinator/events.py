@@ -184,6 +184,15 @@ def reset_frame(last_event_id: EventId | None, reason: str) -> bytes:
     return b"event: " + RESET_EVENT.encode() + b"\ndata: " + data.encode() + b"\n\n"
 
 
+def hello_frame(instance_id: str) -> bytes:
+    """The ``hello`` event that opens every stream: which process serves it.
+
+    It has no ``id`` field, so it never moves the client's Last-Event-ID.
+    """
+    data = json.dumps({"instance_id": instance_id}, separators=(",", ":"))
+    return b"event: hello\ndata: " + data.encode() + b"\n\n"
+
+
 def retry_frame(retry_ms: int) -> bytes:
     """The ``retry`` hint sent first on every stream."""
     return b"retry: %d\n\n" % retry_ms

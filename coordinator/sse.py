@@ -14,7 +14,9 @@
 
 Every response carries ``X-Coordinator-Instance`` (the serving process).
 
-A stream starts with a ``retry`` hint (``sse_retry_ms``), sends a comment
+A stream starts with a ``retry`` hint (``sse_retry_ms``) and an event
+``hello`` (``{"instance_id": ...}``, no id: which process serves the stream, for
+clients such as ``EventSource`` that cannot read headers), sends a comment
 every ``sse_ping_s`` so proxies keep it open, and ends:
 
 - when the client disconnects (its subscription is dropped at once);
@@ -52,7 +54,13 @@ from .errors import (
     InvalidEventIdError,
     RedisUnavailableError,
 )
-from .events import is_valid_channel, parse_event_id, parse_publish_body, retry_frame
+from .events import (
+    hello_frame,
+    is_valid_channel,
+    parse_event_id,
+    parse_publish_body,
+    retry_frame,
+)
 from .relay import EventRelay
 from .settings import NAME_PATTERN, CoordinatorSettings
 from .subscription import Subscription
@@ -82,7 +90,7 @@ class ChannelEventResponse(EventSourceResponse):
         self.subscription = subscription
         self._shutdown = anyio.Event()
         super().__init__(
-            self._frames(settings.sse_retry_ms),
+            self._frames(settings.sse_retry_ms, settings.instance_id),
             headers=headers,
             ping=settings.sse_ping_s,
             sep="\n",
@@ -90,8 +98,8 @@ class ChannelEventResponse(EventSourceResponse):
             shutdown_grace_period=SHUTDOWN_GRACE_S,
         )
 
-    async def _frames(self, retry_ms: int) -> Any:
-        yield retry_frame(retry_ms)
+    async def _frames(self, retry_ms: int, instance_id: str) -> Any:
+        yield retry_frame(retry_ms) + hello_frame(instance_id)
         async for chunk in self.subscription:
             yield chunk
 
