@@ -137,6 +137,7 @@ class EventRelay:
         self._owns_redis = redis is None
         self._listen_redis: Redis | None = None
         self._subs: dict[str, set[Subscription]] = {}
+        self._snapshots: dict[str, asyncio.Future[ReplayResult]] = {}
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
         self._epoch = 0
@@ -212,10 +213,11 @@ class EventRelay:
         """Read the stream after ``sub``'s cursor into it (``snapshot``: only learn the tip)."""
         after = sub.cursor
         while True:
-            result = await self._read(sub.channel, after, count=0 if snapshot else None)
             if snapshot:
+                result = await self._snapshot(sub.channel)
                 sub.last_id = result.last_generated or EventId(0, 0)
                 return
+            result = await self._read(sub.channel, after, None)
             assert after is not None
             reason = result.lost_after(after)
             reset = reset_frame(after, reason) if reason else None
@@ -225,6 +227,16 @@ class EventRelay:
             if len(result.entries) < self._page:
                 return
             after = result.entries[-1][0]
+
+    async def _snapshot(self, channel: str) -> ReplayResult:
+        """The channel's tip; concurrent new subscribers of a channel share one read
+        (a connection storm costs one Redis command per channel, not one per client)."""
+        pending = self._snapshots.get(channel)
+        if pending is None:
+            pending = asyncio.ensure_future(self._read(channel, None, 0))
+            self._snapshots[channel] = pending
+            pending.add_done_callback(lambda _: self._snapshots.pop(channel, None))
+        return await asyncio.shield(pending)
 
     @property
     def _page(self) -> int:

@@ -96,7 +96,7 @@ class SSEClient:
         buffer = b""
         try:
             async for chunk in self._body_chunks():
-                buffer += chunk
+                buffer += chunk.replace(b"\r\n", b"\n")  # a split CRLF is rare; fine here
                 while b"\n\n" in buffer:
                     block, buffer = buffer.split(b"\n\n", 1)
                     self._parse(block.decode("utf-8"))
