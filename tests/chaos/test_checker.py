@@ -1,0 +1,142 @@
+"""The checker catches what it claims to catch: each test feeds it one violating history.
+
+Pure and fast; not marked ``chaos`` so it runs with the unit tests too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .checker import ClientLog, Fault, History, ProcRecord, check, measure
+
+
+def ev(event: str, t: float, **fields: Any) -> dict[str, Any]:
+    return {"event": event, "t": t, **fields}
+
+
+def start(t: float, ms: int, token: int, job: str = "tick") -> dict[str, Any]:
+    return ev("start", t, job=job, scheduled_ms=ms, token=token)
+
+
+def beats(t0: float, t1: float) -> list[dict[str, Any]]:
+    return [ev("beat", t0 + i * 0.25) for i in range(int((t1 - t0) / 0.25) + 1)]
+
+
+def good() -> History:
+    """Leader a (token 1) is killed at t=2; b (token 2) takes over."""
+    a = ProcRecord("a", [ev("elected", 0.1, token=1), start(0.5, 1000, 1), start(1.0, 1500, 1),
+                         start(1.5, 2000, 1)], killed=True)  # fmt: skip
+    b = ProcRecord("b", [*beats(0, 6), ev("elected", 3.0, token=2), start(3.1, 2500, 2),
+                         start(3.5, 3000, 2), ev("stopped", 6.1)], exit_code=0)  # fmt: skip
+    b.events.sort(key=lambda e: e["t"])
+    return History(
+        procs=[a, b], tick_ms=500, faults=[Fault("sigkill", 2.0, 2.0)],
+        runs=[{"job_id": "tick", "scheduled_ms": ms, "status": "ok", "fencing_token": tok}
+              for ms, tok in ((1000, 1), (1500, 1), (2000, 1), (2500, 2), (3000, 2))],
+        published=["1-0", "2-0", "3-0"],
+        clients=[ClientLog("c1", [("open", None), ("message", "1-0"), ("end", None),
+                                  ("open", "1-0"), ("message", "2-0"), ("message", "3-0")])],
+        readiness=[(1.0, 200), (8.0, 200)],
+    )  # fmt: skip
+
+
+def test_a_correct_history_passes_and_is_measured() -> None:
+    h = good()
+    assert check(h) == []
+    m = measure(h)
+    assert m["failovers"] == 1 and m["duplicate_fires"] == 0 and m["missed_fires"] == 0
+    assert m["lost_events"] == 0 and 1.0 < m["max_failover_s"] < 1.2
+
+
+def test_a_fire_run_twice_is_caught() -> None:
+    h = good()
+    h.procs[1].events.append(start(3.6, 2000, 2))
+    assert any("started 2 times" in v for v in check(h))
+    assert measure(h)["duplicate_fires"] == 1
+    h = good()
+    h.runs.append({"job_id": "tick", "scheduled_ms": 1500, "status": "ok", "fencing_token": 2})
+    assert any("2 run records" in v for v in check(h))
+
+
+def test_a_claim_by_an_older_term_is_caught() -> None:
+    h = good()
+    # The old term claims a fire scheduled after the new term's first claim.
+    h.runs.append({"job_id": "tick", "scheduled_ms": 3500, "status": "missed",
+                   "fencing_token": 1})  # fmt: skip
+    assert any("claimed by token 1 after token 2" in v for v in check(h))
+
+
+def test_tokens_out_of_order_and_reused_are_caught() -> None:
+    h = good()
+    h.procs[1].events = [dict(e, token=1) if e["event"] == "elected" else e
+                         for e in h.procs[1].events]  # fmt: skip
+    violations = check(h)
+    assert any("token 1 elected 2 times" in v for v in violations)
+    assert any("lower or equal token" in v for v in violations)
+
+
+def test_a_start_after_revocation_is_caught() -> None:
+    h = good()
+    h.procs[0].events += [ev("revoked", 1.7, token=1), start(1.9, 2100, 1)]
+    assert any("after term 1 was revoked" in v for v in check(h))
+
+
+def test_a_missing_failover_is_caught() -> None:
+    h = good()
+    h.procs[1].events = [e for e in h.procs[1].events if e["event"] != "start"]
+    assert any("no new term ran a fire" in v for v in check(h))
+
+
+def test_missed_fires_are_counted() -> None:
+    h = good()
+    h.procs[1].events = [e for e in h.procs[1].events if e.get("scheduled_ms") != 2500]
+    assert measure(h)["missed_fires"] == 1
+
+
+def test_crash_and_hang_are_caught() -> None:
+    h = good()
+    h.procs[1].exit_code = 1
+    assert any("exited with 1" in v for v in check(h))
+    h = good()
+    h.procs[1].events = [e for e in h.procs[1].events if not 4.0 < e["t"] < 5.9]
+    h.hang_s = 1.5
+    assert any("hung" in v for v in check(h))
+    h.procs[1].paused = [(4.0, 5.9)]  # the test paused it then: not a hang
+    assert check(h) == []
+    h = good()
+    h.procs[1].stderr = "Traceback (most recent call last):\n  boom"
+    assert any("traceback" in v for v in check(h))
+
+
+def test_sse_duplicates_reorder_and_silent_loss_are_caught() -> None:
+    h = good()
+    h.clients[0].entries.append(("message", "2-0"))
+    assert any("more than once" in v for v in check(h))
+    h = good()
+    h.clients[0].entries[-2:] = [("message", "3-0"), ("message", "2-0")]
+    assert any("out of order" in v for v in check(h))
+    h = good()
+    del h.clients[0].entries[4]  # 2-0 never arrives, no reset
+    assert any("never received 2-0 and got no reset" in v for v in check(h))
+
+
+def test_sse_loss_with_reset_is_allowed_only_beyond_the_window() -> None:
+    h = good()
+    h.clients[0].entries[4] = ("reset", None)
+    assert any("within the replay window" in v for v in check(h))
+    h.clients[0].replay_ok = False
+    assert check(h) == []
+    assert measure(h)["lost_events"] == 1
+
+
+def test_readiness_must_be_503_while_unreachable_and_200_after() -> None:
+    h = good()
+    h.faults.append(Fault("partition", 10.0, 20.0, displaces_leader=False, unreachable=True))
+    h.readiness += [(12.0, 503), (16.0, 200), (19.0, 503), (31.0, 200)]
+    assert any("answered 200 at +6.00s" in v for v in check(h))
+    h.readiness.remove((16.0, 200))
+    assert check(h) == []
+    h.readiness.append((40.0, 503))
+    assert any("answered 503 at 40.00, with Redis reachable" in v for v in check(h))
+    h.readiness = [(1.0, 200)]
+    assert any("no readiness sample" in v for v in check(h))
