@@ -30,6 +30,8 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .faults import TcpProxy as TcpProxy  # network faults (delay, blackhole, cut)
+
 T = TypeVar("T")
 
 
