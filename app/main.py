@@ -15,18 +15,27 @@ from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
 
 from coordinator import Coordinator, CoordinatorSettings
-from coordinator.sse import INSTANCE_HEADER
+from coordinator.authz import bearer_token_policy
+from coordinator.logs import configure_logging
+from coordinator.sse import INSTANCE_HEADER, allow_all
 
 from .jobs import register_jobs
 from .settings import DemoSettings
 
-logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-
 settings = CoordinatorSettings()
 demo = DemoSettings()
-coordinator = Coordinator(
-    settings, fail_fast=demo.fail_fast, startup_timeout=demo.startup_timeout_s
+authorize = (
+    bearer_token_policy(
+        demo.publish_token.get_secret_value() if demo.publish_token else None,
+        demo.subscribe_token.get_secret_value() if demo.subscribe_token else None,
+    )
+    if demo.publish_token or demo.subscribe_token
+    else allow_all
 )
+coordinator = Coordinator(
+    settings, authorize=authorize, fail_fast=demo.fail_fast, startup_timeout=demo.startup_timeout_s
+)
+configure_logging(settings, term=lambda: coordinator.elector.token)
 register_jobs(coordinator, demo)
 
 

@@ -75,6 +75,8 @@ def create_redis(url: str, **overrides: Any) -> Redis:
         "socket_keepalive": True,
         "health_check_interval": 10,
     }
+    if parts.scheme == "unix":
+        del options["socket_keepalive"]  # TCP only: redis-py's unix connection rejects it
     options.update(overrides)
     if parts.scheme.endswith("+sentinel"):
         return _sentinel_client(url, options)

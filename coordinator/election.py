@@ -48,6 +48,7 @@ import os
 import random
 import socket
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -127,6 +128,11 @@ class LeaderElector:
         self.hostname = socket.gethostname()
         self.pid = os.getpid()
         self.terms_won = 0
+        # For metrics (read by coordinator.metrics): renewals, failed renewals, and
+        # the latency (s) of recent successful ones, drained by the reader.
+        self.renewals = 0
+        self.renew_failures = 0
+        self.renew_latencies: deque[float] = deque(maxlen=1024)
 
     # -- public state -----------------------------------------------------------
     @property
@@ -146,6 +152,14 @@ class LeaderElector:
     def term(self) -> Term | None:
         """The current term while :attr:`is_leader`, else ``None``."""
         return self._term if self.is_leader else None
+
+    @property
+    def lease_remaining(self) -> float:
+        """Seconds until this leader's lease expires on the server at the latest
+        (lease TTL from the start of the last successful renewal); 0 when not leading."""
+        if not self.is_leader:
+            return 0.0
+        return max(0.0, self.settings.lease_ttl - (time.monotonic() - self._renewed_mono))
 
     @property
     def token(self) -> int | None:
@@ -252,6 +266,7 @@ class LeaderElector:
                     delay,
                 )
                 if self._term is not None:
+                    self.renew_failures += 1
                     await self._step_down_if_expired()
                     delay = min(delay, self._time_to_deadline())
                 await self._sleep(max(delay, 0.0))
@@ -342,11 +357,14 @@ class LeaderElector:
             )
             client_id = int(await conn.client_id())
         if not renewed:
+            self.renew_failures += 1
             await self._end_term("lease lost", release=False)
         elif client_id != term.client_id:
             await self._end_term("connection replaced", release=True)
         else:
             self._renewed_mono = started
+            self.renewals += 1
+            self.renew_latencies.append(time.monotonic() - started)
 
     # -- terms ------------------------------------------------------------------
     async def _begin_term(self, term: Term) -> None:

@@ -28,6 +28,7 @@ import logging
 import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -145,6 +146,8 @@ class FireStats:
     errors: int = 0
     ok: int = 0
     by_status: dict[str, int] = field(default_factory=dict)
+    durations: deque[tuple[str, str, float]] = field(default_factory=lambda: deque(maxlen=1024))
+    """(job id, status, seconds) of recent finished runs; drained by the metrics sampler."""
 
 
 def wants_ctx(func: Callable[..., Any]) -> bool:
@@ -359,6 +362,8 @@ class FireRunner:
         error: str | None, lost: bool,
     ) -> None:  # fmt: skip
         self._count(status)
+        if status in ("ok", "error"):
+            self.stats.durations.append((job_id, status, time.time() - started / 1000))
         record = RunRecord(
             job_id=job_id, scheduled_ms=dt_to_ms(t), status=status, instance_id=self.instance_id,
             fencing_token=term.token, started_ms=started, finished_ms=int(time.time() * 1000),

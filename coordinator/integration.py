@@ -50,6 +50,7 @@ from .election import LeaderElector
 from .errors import RedisUnavailableError
 from .lease import read_leader
 from .metrics import CoordinatorMetrics
+from .presence import PresenceHeartbeat
 from .relay import EventRelay
 from .scheduler import LeaderScheduler
 from .settings import CoordinatorSettings
@@ -94,6 +95,7 @@ class Coordinator:
         )
         self.relay = EventRelay(self.settings, self.redis)
         self.metrics = CoordinatorMetrics(self)
+        self.presence = PresenceHeartbeat(self.redis, self.settings)
         self.authorize = authorize
         self.fail_fast = fail_fast
         self.startup_timeout = startup_timeout
@@ -132,12 +134,14 @@ class Coordinator:
             await self.elector.start()
         await self.scheduler.start()
         self.metrics.start()
+        self.presence.start()
 
     async def stop(self) -> None:
         """Stop in the order that loses nothing: jobs, lease, streams, connections."""
         if not self._started:
             return
         self._started = False
+        await self.presence.stop()
         await self.metrics.stop()
         await self.scheduler.stop(timeout=self.shutdown_timeout)
         await self.elector.stop()

@@ -77,3 +77,17 @@ class Keys:
     def events(self) -> str:
         """Pub/Sub channel carrying every channel's events of this namespace."""
         return f"{self.prefix}events"
+
+    def streams_pattern(self) -> str:
+        """``SCAN MATCH`` pattern of every channel's stream (for status tools)."""
+        return f"{self.prefix}stream:*"
+
+    # -- presence -------------------------------------------------------------
+    def instances(self) -> str:
+        """Sorted set: instance id -> last heartbeat (ms); entries older than the
+        presence retention are trimmed by each heartbeat."""
+        return f"{self.prefix}instances"
+
+    def instance(self, instance_id: str) -> str:
+        """String: one live instance's description (JSON); TTL 3 heartbeat periods."""
+        return f"{self.prefix}instance:{instance_id}"

@@ -12,11 +12,26 @@ Limits: if prometheus_client was imported before this module without
 then reports only itself (a warning is logged). Gauges are per live process
 (label ``pid``) or summed over live processes, as each metric says.
 
-Metrics (all prefixed ``coordinator_``): ``is_leader``, ``fencing_token``,
-``elections_total``, ``stepdowns_total{reason}``, ``job_fires_total{outcome}``,
-``sse_clients``, ``relay_events_received_total``, ``relay_reconnects_total``,
-``relay_clients_dropped_total``, ``relay_backfilled_events_total``,
-``relay_resets_total``, ``relay_up``.
+Metrics (all prefixed ``coordinator_``):
+
+- election: ``is_leader{instance_id}``, ``fencing_token``, ``elections_total``,
+  ``stepdowns_total{reason}``, ``renew_latency_seconds`` (histogram),
+  ``renew_failures_total``, ``lease_remaining_seconds`` (the leader's);
+- jobs: ``job_fires_total{outcome}``, ``job_duration_seconds{job_id,status}``
+  (histogram of finished runs);
+- relay and SSE: ``sse_clients``, ``sse_channel_clients{channel}``,
+  ``relay_events_published_total``, ``relay_events_received_total``,
+  ``relay_events_delivered_total`` (frames queued to local clients),
+  ``relay_events_dropped_total`` (queued frames discarded when a slow client is
+  cut), ``relay_clients_dropped_total`` (slow-client disconnects),
+  ``relay_reconnects_total``, ``relay_backfilled_events_total``,
+  ``relay_resets_total``, ``relay_up``, ``relay_delivery_lag_seconds``
+  (histogram: from the publish, by the Redis clock in the event id, to this
+  process's receipt; includes clock skew between Redis and this host).
+
+``sse_channel_clients`` has one series per channel a process has served
+since it started (a channel that empties reads 0): mind the cardinality when
+channel names are per-user.
 """
 
 from __future__ import annotations
@@ -44,6 +59,7 @@ from prometheus_client import (  # noqa: E402
     CollectorRegistry,
     Counter,
     Gauge,
+    Histogram,
     generate_latest,
     multiprocess,
 )
@@ -77,6 +93,28 @@ _RELAY_COUNTERS = {
     ),
     "resets_sent": Counter("coordinator_relay_resets", "reset events sent to clients"),
 }
+_FAST = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5)  # fmt: skip
+RENEW_LATENCY = Histogram("coordinator_renew_latency_seconds", "Lease renewal round trip",
+                          buckets=_FAST)  # fmt: skip
+RENEW_FAILURES = Counter("coordinator_renew_failures",
+                         "Lease renewals that failed or found the lease lost")  # fmt: skip
+LEASE_REMAINING = Gauge("coordinator_lease_remaining_seconds", "The leader's lease time left",
+                        multiprocess_mode="livemax")  # fmt: skip
+JOB_DURATION = Histogram("coordinator_job_duration_seconds", "Run time of finished job fires",
+                         ["job_id", "status"],
+                         buckets=(.01, .05, .1, .5, 1, 5, 10, 30, 60, 300, 1800))  # fmt: skip
+CHANNEL_CLIENTS = Gauge("coordinator_sse_channel_clients", "Open SSE subscriptions by channel",
+                        ["channel"], multiprocess_mode="livesum")  # fmt: skip
+DELIVERY_LAG = Histogram("coordinator_relay_delivery_lag_seconds",
+                         "Publish (Redis clock) to receipt by this process's listener",
+                         buckets=_FAST)  # fmt: skip
+_RELAY_COUNTERS.update({
+    "events_published": Counter("coordinator_relay_events_published", "Events published"),
+    "events_delivered": Counter("coordinator_relay_events_delivered",
+                                "Event frames queued to local SSE clients"),
+    "events_dropped": Counter("coordinator_relay_events_dropped",
+                              "Queued frames discarded when a slow client was cut"),
+})  # fmt: skip
 _FIRE_OUTCOMES = ("claimed", "ok", "errors", "missed", "cancelled", "refused_not_leader",
                   "refused_already_claimed")  # fmt: skip
 
@@ -98,6 +136,7 @@ class CoordinatorMetrics:
         self.coordinator = coordinator
         self.interval = interval
         self._seen: dict[str, int] = {}
+        self._channels: set[str] = set()
         self._task: asyncio.Task[None] | None = None
         coordinator.elector.add_observer(self._elected, self._revoked)
 
@@ -122,6 +161,23 @@ class CoordinatorMetrics:
         for outcome in _FIRE_OUTCOMES:
             self._advance(f"fires.{outcome}", int(getattr(stats, outcome, 0)),
                           JOB_FIRES.labels(outcome))  # fmt: skip
+        while stats.durations:
+            job_id, status, seconds = stats.durations.popleft()
+            JOB_DURATION.labels(job_id, status).observe(max(0.0, seconds))
+        elector = c.elector
+        self._advance("renew.failures", elector.renew_failures, RENEW_FAILURES)
+        while elector.renew_latencies:
+            RENEW_LATENCY.observe(elector.renew_latencies.popleft())
+        LEASE_REMAINING.set(elector.lease_remaining)
+        lags = c.relay.delivery_lags
+        while lags:
+            DELIVERY_LAG.observe(max(0.0, lags.popleft()))
+        by_channel = c.relay.channel_subscribers()
+        for channel in self._channels - by_channel.keys():
+            CHANNEL_CLIENTS.labels(channel).set(0)
+        for channel, count in by_channel.items():
+            CHANNEL_CLIENTS.labels(channel).set(count)
+        self._channels = set(by_channel)
 
     def _advance(self, key: str, value: int, counter: Any) -> None:
         delta = value - self._seen.get(key, 0)

@@ -44,6 +44,8 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
+from collections import deque
 from typing import Any
 
 from redis.asyncio import Redis
@@ -149,6 +151,12 @@ class EventRelay:
         self.duplicates_dropped = 0
         self.backfilled_events = 0
         self.resets_sent = 0
+        self.events_published = 0
+        self.events_delivered = 0
+        self.events_dropped = 0
+        self.delivery_lags: deque[float] = deque(maxlen=4096)
+        """Seconds from publish (Redis clock) to receipt, of recent events with local
+        subscribers; drained by the metrics sampler."""
 
     # -- publishing ---------------------------------------------------------------
     async def publish(self, channel: str, data: Any, event: str = "message") -> str:
@@ -169,6 +177,7 @@ class EventRelay:
             )  # fmt: skip
         except (ConnectionError, TimeoutError, OSError, RedisError) as exc:
             raise RedisUnavailableError(f"could not publish to {channel!r}: {exc}") from exc
+        self.events_published += 1
         return raw.decode() if isinstance(raw, bytes) else str(raw)
 
     # -- subscribing --------------------------------------------------------------
@@ -270,6 +279,10 @@ class EventRelay:
     def status(self) -> str:
         """``"subscribed"``, or why not: ``"not started"``, ``"connecting"``, ``"down: ..."``."""
         return self._state
+
+    def channel_subscribers(self) -> dict[str, int]:
+        """Local subscriptions open now, by channel."""
+        return {channel: len(subs) for channel, subs in self._subs.items()}
 
     @property
     def subscribers(self) -> int:
@@ -441,5 +454,6 @@ class EventRelay:
             logger.warning("relay dropped a malformed envelope: %r", message[:80])
             return
         frame = sse_frame(envelope.raw_id, envelope.event, envelope.data)
+        self.delivery_lags.append(time.time() - envelope.id.ms / 1000)
         for sub in list(subs):
             sub.push(envelope.id, frame)

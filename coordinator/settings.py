@@ -100,6 +100,22 @@ class CoordinatorSettings(BaseSettings):
     job_history: int = Field(default=1000, gt=0, description="Job runs kept in Redis.")
     job_claim_ttl_s: int = Field(default=7 * 86400, gt=0, description="Life of a fire claim.")
 
+    # -- operating it (logs, presence, per-client limits; limits are per process) ----
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="json: one JSON object a line."
+    )
+    log_level: str = Field(default="INFO", pattern=r"(?i)^(debug|info|warning|error|critical)$")
+    presence_interval_s: float = Field(
+        default=5.0, gt=0, description="Heartbeat period of this instance in the presence set."
+    )
+    sse_max_connections_per_client: int = Field(
+        default=0, ge=0, description="Open SSE streams per client address and process; 0: no limit."
+    )
+    publish_rate_per_client: float = Field(
+        default=0.0, ge=0, description="Publishes a second per client address and process; 0: off."
+    )
+    publish_burst: int = Field(default=0, ge=0, description="Publish burst; 0: rate rounded up.")
+
     def __init__(self, **values: object) -> None:
         from pydantic import ValidationError
 

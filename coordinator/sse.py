@@ -32,13 +32,19 @@ Authorization: pass ``authorize=`` a callable ``(request, channel, action)``,
 ``action`` being ``"subscribe"`` or ``"publish"``, returning ``bool`` or an
 awaitable of one. The default, :func:`allow_all`, lets everyone subscribe and
 publish to every channel: put the router behind your own auth, or pass a
-real authorizer, before exposing it.
+real authorizer, before exposing it (:mod:`coordinator.authz` has an example).
+
+Limits (see :mod:`coordinator.limits`; off by default): open streams per client
+address (``sse_max_connections_per_client``) and publishes per second per
+client address (``publish_rate_per_client``) answer 429, the latter with
+``Retry-After``.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
@@ -61,6 +67,7 @@ from .events import (
     parse_publish_body,
     retry_frame,
 )
+from .limits import ConnectionLimiter, RateLimiter
 from .relay import EventRelay
 from .settings import NAME_PATTERN, CoordinatorSettings
 from .subscription import Subscription
@@ -138,6 +145,11 @@ def channel_router(
     headers = {INSTANCE_HEADER: conf.instance_id}
     body_limit = conf.relay_max_event_bytes * 4 + 4096  # room for whitespace and escapes
     router = APIRouter(prefix=prefix, tags=list(tags or ["channels"]))
+    streams = ConnectionLimiter(conf.sse_max_connections_per_client)
+    publishes = RateLimiter(conf.publish_rate_per_client, conf.publish_burst)
+
+    def client_of(request: Request) -> str:
+        return request.client.host if request.client else "unknown"
 
     async def check(request: Request, channel: str, action: ChannelAction) -> None:
         if not is_valid_channel(channel):
@@ -160,6 +172,12 @@ def channel_router(
     )  # fmt: skip
     async def publish(request: Request, channel: str) -> JSONResponse:
         await check(request, channel, "publish")
+        wait = publishes.take(client_of(request))
+        if wait > 0:
+            retry = {**headers, "Retry-After": str(math.ceil(wait))}
+            raise HTTPException(429, f"over the publish rate of {publishes.rate:g}/s for this "
+                                "client (COORDINATOR_PUBLISH_RATE_PER_CLIENT); retry later",
+                                headers=retry)  # fmt: skip
         raw = bytearray()
         async for part in request.stream():
             raw += part
@@ -199,10 +217,20 @@ def channel_router(
             after = parse_event_id(resume) if resume else None
         except InvalidEventIdError as exc:
             raise HTTPException(400, str(exc), headers=headers) from None
+        client = client_of(request)
+        if not streams.acquire(client):
+            raise HTTPException(429, f"this client already has {streams.limit} open streams "
+                                "(COORDINATOR_SSE_MAX_CONNECTIONS_PER_CLIENT); close one first",
+                                headers=headers)  # fmt: skip
         try:
             sub = await relay.subscribe(channel, last_event_id=after)
-        except RedisUnavailableError as exc:
-            raise HTTPException(503, str(exc), headers={**headers, "Retry-After": "1"}) from None
+        except BaseException as exc:
+            streams.release(client)
+            if isinstance(exc, RedisUnavailableError):
+                raise HTTPException(503, str(exc),
+                                    headers={**headers, "Retry-After": "1"}) from None  # fmt: skip
+            raise
+        sub.on_close(lambda _: streams.release(client))
         return ChannelEventResponse(sub, conf, headers=headers)
 
     return router

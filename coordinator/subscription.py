@@ -82,6 +82,7 @@ class Subscription:
             return
         self._queue.append(frame)
         self.last_id = event_id
+        self._relay.events_delivered += 1
         self._wakeup.set()
 
     @property
@@ -132,6 +133,8 @@ class Subscription:
         if self.closed is not None:
             return
         self.closed = reason
+        if reason == "overflow":
+            self._relay.events_dropped += len(self._queue) + len(self._held)
         if reason != "shutdown":
             self._queue.clear()
         self._held, self._replayed = [], []
