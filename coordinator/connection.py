@@ -3,12 +3,16 @@
 Supported URLs:
 
 - ``redis://[[user]:password@]host[:port][/db]``
-- ``rediss://...`` (TLS; ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile`` and
-  ``ssl_cert_reqs`` may be given as query parameters, as redis-py reads them)
+- ``rediss://...`` (TLS; ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``,
+  ``ssl_cert_reqs`` and ``ssl_check_hostname`` may be given as query parameters:
+  ``rediss://h:6380/0?ssl_ca_certs=/etc/redis/ca.crt&ssl_certfile=...&ssl_keyfile=...``;
+  they are file paths, never secrets themselves)
 - ``unix:///path/to/redis.sock[?db=0]``
 - ``redis+sentinel://[[user]:password@]host1:port1[,host2:port2...]/service[/db]``:
   the client asks the Sentinels for the current primary of ``service`` and
-  follows failovers (redis-py's ``SentinelConnectionPool``).
+  follows failovers (redis-py's ``SentinelConnectionPool``). ``rediss+sentinel://``
+  speaks TLS to the Sentinels and the servers, with the same ``ssl_*`` query
+  parameters; ``sentinel_password`` authenticates to the Sentinels.
 
 The client returned owns its connection pool; close it with ``await client.aclose()``.
 """
@@ -25,6 +29,8 @@ from redis.backoff import ExponentialWithJitterBackoff
 
 from .errors import ConfigurationError
 
+_TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs",
+                "ssl_check_hostname")  # fmt: skip
 _SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel")
 
 
@@ -107,13 +113,18 @@ def _sentinel_client(url: str, options: dict[str, Any]) -> Redis:
     service = path[0]
     db = int(path[1]) if len(path) > 1 else 0
     query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    sentinel_kwargs: dict[str, Any] = {"socket_connect_timeout": 2}
     if parts.scheme.startswith("rediss"):
         options["ssl"] = True
+        tls: dict[str, Any] = {k: v for k, v in query.items() if k in _TLS_OPTIONS}
+        if "ssl_check_hostname" in tls:
+            tls["ssl_check_hostname"] = tls["ssl_check_hostname"].lower() in ("1", "true", "yes")
+        options.update(tls)  # the primary's and replicas' connections...
+        sentinel_kwargs.update(ssl=True, **tls)  # ...and the Sentinels' (TLS too)
     if parts.password is not None:
         options["password"] = unquote(parts.password)
     if parts.username:
         options["username"] = unquote(parts.username)
-    sentinel_kwargs: dict[str, Any] = {"socket_connect_timeout": 2}
     if "sentinel_password" in query:
         sentinel_kwargs["password"] = query["sentinel_password"]
     sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_kwargs, db=db, **options)  # type: ignore[no-untyped-call]

@@ -161,6 +161,13 @@ async def test_dashboard_page(demo: RelayCluster) -> None:
     assert "EventSource" in response.text
 
 
+def metric(text: str, name: str, labels: str = "") -> float:
+    """The value of one aggregated series (0 when absent)."""
+    pattern = rf"^{re.escape(name)}(?:\{{{labels}[^}}]*\}})? (\S+)$" if labels else (
+        rf"^{re.escape(name)}(?:\{{[^}}]*\}})? (\S+)$")  # fmt: skip
+    return sum(float(v) for v in re.findall(pattern, text, re.M))
+
+
 async def test_metrics_aggregate_all_workers(demo: RelayCluster) -> None:
     await every_worker(demo, "/api/instance")  # every worker has started and sampled
     deadline = time.monotonic() + 15
@@ -172,6 +179,31 @@ async def test_metrics_aggregate_all_workers(demo: RelayCluster) -> None:
         assert time.monotonic() < deadline, text[:3000]
         await asyncio.sleep(0.2)
     assert re.search(r"^coordinator_elections_total \d", text, re.M)
+
+    # Per-channel clients and deliveries, summed over the workers that serve them.
+    clients = await demo.clients("/api/channels/metered/events", 8, min_instances=3)
+    publishers = await demo.publishers(2)
+    for n in range(3):
+        await demo.publish(publishers[n % 2], "metered", n)
+    deadline = time.monotonic() + 20
+    while True:
+        text = (await demo.get("/metrics")).text
+        if (metric(text, "coordinator_sse_channel_clients", 'channel="metered"') == 8
+                and metric(text, "coordinator_relay_events_delivered_total") >= 24
+                and metric(text, "coordinator_relay_delivery_lag_seconds_count") >= 9
+                and metric(text, "coordinator_job_duration_seconds_count",
+                           'job_id="collect-metrics"') > 0
+                and metric(text, "coordinator_renew_latency_seconds_count") > 0):  # fmt: skip
+            break
+        assert time.monotonic() < deadline, text[-4000:]
+        await asyncio.sleep(0.2)
+    assert metric(text, "coordinator_relay_events_published_total") >= 3
+    assert 0 < metric(text, "coordinator_lease_remaining_seconds") <= 5
+    assert "coordinator_renew_failures_total" in text
+    for client in clients:
+        await client.close()
+    for publisher in publishers:
+        await publisher.aclose()
 
 
 async def test_unknown_path_is_404(demo: RelayCluster) -> None:
