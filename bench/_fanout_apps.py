@@ -31,7 +31,9 @@ from sse_starlette.sse import EventSourceResponse
 MODE = os.environ.get("BENCH_MODE", "handrolled")
 URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 PREFIX = os.environ.get("COORDINATOR_NAMESPACE", "bench")
-redis = aioredis.Redis.from_url(URL)
+# redis-py caps a pool at 100 connections by default: lifted, or per_client fails
+# (500s, "Too many connections") past 100 clients per worker instead of being measured.
+redis = aioredis.Redis.from_url(URL, max_connections=100_000)
 local: dict[str, set[asyncio.Queue[str]]] = {}
 state: dict[str, Any] = {}
 
