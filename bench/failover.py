@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 import uuid
 from pathlib import Path
@@ -23,31 +22,11 @@ import redis as redis_sync
 
 from coordinator.testing import RedisServer
 from tests.support.procs import Proc, stop_all, wait_for
+from tests.support.timing import FAST_ENV
+
+from ._stats import summarize
 
 RESULTS = Path(__file__).parent / "results"
-FAST_ENV = {
-    "COORDINATOR_LEASE_TTL_MS": "1500",
-    "COORDINATOR_RENEW_INTERVAL_MS": "300",
-    "COORDINATOR_RENEW_DEADLINE_MS": "1000",
-    "COORDINATOR_RETRY_PERIOD_MS": "300",
-}
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]
-
-
-def summarize(values: list[float]) -> dict[str, float]:
-    return {
-        "n": len(values),
-        "p50": percentile(values, 50),
-        "p95": percentile(values, 95),
-        "p99": percentile(values, 99),
-        "max": max(values),
-        "mean": statistics.fmean(values),
-    }
 
 
 class Group:

@@ -42,17 +42,12 @@ from coordinator.testing import RedisServer
 from tests.support.relay_cluster import HOST, RelayCluster
 from tests.support.sse_client import SSEClient, SSEMessage
 
+from ._stats import percentile
+
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
 APPS = {"coordinator": "tests.support.relay_app:app"}
 SYSTEMS = ["coordinator", "broadcaster", "per_client", "handrolled"]
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 def tree_rss(pid: int) -> int:

@@ -37,19 +37,11 @@ import redis as redis_sync
 from coordinator import Keys, RunRecord
 from coordinator.testing import RedisServer
 from tests.support.procs import Proc, stop_all, wait_for
+from tests.support.timing import FAST_ENV
+
+from ._stats import percentile
 
 RESULTS = Path(__file__).parent / "results"
-FAST_ENV = {
-    "COORDINATOR_LEASE_TTL_MS": "1500",
-    "COORDINATOR_RENEW_INTERVAL_MS": "300",
-    "COORDINATOR_RENEW_DEADLINE_MS": "1000",
-    "COORDINATOR_RETRY_PERIOD_MS": "300",
-}
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
 class Workers:

@@ -15,13 +15,7 @@ from redis.asyncio import Redis
 from coordinator import CoordinatorSettings, LeaderElector, create_redis
 from coordinator.testing import RedisServer, async_wait_until
 
-FAST = {
-    "lease_ttl_ms": 1500,
-    "renew_interval_ms": 300,
-    "renew_deadline_ms": 1000,
-    "retry_period_ms": 300,
-    "backoff_max_ms": 500,
-}
+from .support.timing import FAST
 
 
 class Recorder:

@@ -14,15 +14,10 @@ from coordinator import Keys
 from coordinator.testing import RedisServer
 
 from .support.procs import Proc, stop_all, wait_for
+from .support.timing import FAST_ENV
 
 pytestmark = pytest.mark.slow
 
-FAST_ENV = {
-    "COORDINATOR_LEASE_TTL_MS": "1500",
-    "COORDINATOR_RENEW_INTERVAL_MS": "300",
-    "COORDINATOR_RENEW_DEADLINE_MS": "1000",
-    "COORDINATOR_RETRY_PERIOD_MS": "300",
-}
 
 
 class Cluster:

@@ -31,13 +31,7 @@ from coordinator.runs import RunHistory, dt_to_ms
 from coordinator.scripts import CLAIM_FIRE
 from coordinator.testing import async_wait_until
 
-FAST = {
-    "lease_ttl_ms": 1500,
-    "renew_interval_ms": 300,
-    "renew_deadline_ms": 1000,
-    "retry_period_ms": 300,
-    "backoff_max_ms": 500,
-}
+from .support.timing import FAST
 
 Make = Callable[..., LeaderScheduler]
 

@@ -22,16 +22,10 @@ import redis as redis_sync
 from coordinator import Keys, RunRecord
 
 from .support.procs import Proc, stop_all, wait_for
+from .support.timing import FAST_ENV
 
 pytestmark = pytest.mark.slow
 
-FAST_ENV = {
-    "COORDINATOR_LEASE_TTL_MS": "1500",
-    "COORDINATOR_RENEW_INTERVAL_MS": "300",
-    "COORDINATOR_RENEW_DEADLINE_MS": "1000",
-    "COORDINATOR_RETRY_PERIOD_MS": "300",
-    "COORDINATOR_BACKOFF_MAX_MS": "500",
-}
 TICK_MS = 500
 GRACE_MS = 2000  # the default: lease TTL + retry period, rounded up to whole seconds
 RUN_S = 20.0
