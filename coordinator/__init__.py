@@ -9,6 +9,7 @@
 - :func:`run_once`: cluster-wide run-once for startup work.
 """
 
+from .authz import bearer_token_policy
 from .connection import create_redis, redact_url
 from .election import LeaderElector
 from .errors import (
@@ -26,6 +27,7 @@ from .firing import JobContext
 from .integration import Coordinator
 from .keys import Keys
 from .lease import LeaderInfo, Term, read_leader
+from .logs import configure_logging
 from .once import run_once
 from .relay import EventRelay
 from .runs import RunRecord
@@ -57,7 +59,9 @@ __all__ = [
     "Subscription",
     "Term",
     "allow_all",
+    "bearer_token_policy",
     "channel_router",
+    "configure_logging",
     "create_redis",
     "read_leader",
     "redact_url",

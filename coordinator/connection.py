@@ -24,7 +24,11 @@ from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import (
+    Sentinel,
+    SentinelManagedConnection,
+    SentinelManagedSSLConnection,
+)
 from redis.backoff import ExponentialWithJitterBackoff
 
 from .errors import ConfigurationError
@@ -92,6 +96,28 @@ def create_redis(url: str, **overrides: Any) -> Redis:
         raise ConfigurationError(f"Redis URL {redact_url(url)!r} is invalid: {exc}") from None
 
 
+class _SentinelConnection(SentinelManagedConnection):
+    """Asks the Sentinels for the primary on every reconnect.
+
+    redis-py 8 reconnects a dropped connection inside ``send_packed_command``
+    without going through ``SentinelManagedConnection.connect``, so a
+    dedicated connection (``Redis.client()``, as the elector's lease
+    connection) would reconnect to the demoted primary forever after a
+    failover, every write refused with READONLY.
+    """
+
+    async def connect_check_health(
+        self, check_health: bool = True, retry_socket_connect: bool = True
+    ) -> None:
+        if not self.is_connected and self.connection_pool.is_master:
+            self.host, self.port = await self.connection_pool.get_master_address()
+        await super().connect_check_health(check_health, retry_socket_connect)
+
+
+class _SentinelSSLConnection(_SentinelConnection, SentinelManagedSSLConnection):
+    pass
+
+
 def _sentinel_client(url: str, options: dict[str, Any]) -> Redis:
     parts = urlsplit(url)
     netloc = parts.netloc.rsplit("@", 1)[-1]
@@ -128,5 +154,6 @@ def _sentinel_client(url: str, options: dict[str, Any]) -> Redis:
     if "sentinel_password" in query:
         sentinel_kwargs["password"] = query["sentinel_password"]
     sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_kwargs, db=db, **options)  # type: ignore[no-untyped-call]
-    client: Redis = sentinel.master_for(service)
+    connection_class = _SentinelSSLConnection if options.get("ssl") else _SentinelConnection
+    client: Redis = sentinel.master_for(service, connection_class=connection_class)
     return client

@@ -13,6 +13,8 @@ TTLs, for reference:
 - ``last_fire``, ``runs``: none (``runs`` is capped by length).
 - ``once``: none while done; a running marker carries the runner's lease.
 - ``stream``: ``relay_stream_ttl_s`` after the last publish, capped by length.
+- ``instance``: three presence heartbeat periods; ``instances``: none (trimmed
+  by each heartbeat to the last 10 minutes).
 """
 
 from __future__ import annotations

@@ -202,10 +202,14 @@ class SentinelCluster:
         raise RuntimeError("no sentinel answered")
 
     def failover(self, timeout: float = 30.0) -> int:
-        """``SENTINEL FAILOVER`` and wait until the replica is the primary; returns its port."""
+        """``SENTINEL FAILOVER``; returns the new primary's port once the old one is its
+        replica (until then the old primary still accepts writes, which are lost)."""
         old = self.primary_port()
         self._sentinel(self.sentinels[0].port).execute_command("SENTINEL", "FAILOVER", self.service)
-        return self._wait_new_primary(old, timeout)
+        new = self._wait_new_primary(old, timeout)
+        wait_until(lambda: self._info(old).get("role") == "slave", timeout, interval=0.1,
+                   message="the old primary was never turned into a replica")  # fmt: skip
+        return new
 
     def kill_primary(self, timeout: float = 30.0) -> int:
         """SIGKILL the primary and wait for the Sentinels to promote the replica."""

@@ -95,13 +95,13 @@ async def test_acl_user_restricted_to_namespace(namespace: str) -> None:
 
 async def test_sentinel_failover(namespace: str) -> None:
     with SentinelCluster() as cluster:
-        async with pair(cluster.url, namespace) as (a, b):
+        async with asyncio.timeout(120), pair(cluster.url, namespace) as (a, b):
             await leader_of(a, b)
             await asyncio.wait_for(b.relay.wait_ready(10), 10)
             async with await b.relay.subscribe("fo") as sub:
                 before = await a.publish("fo", "before")
                 old = cluster.primary_port()
-                new = cluster.failover()
+                new = await asyncio.to_thread(cluster.failover)
                 assert new != old
                 # Publishing resumes through the new primary (retry while clients switch).
                 after = await publish_until_ok(a, "fo", "after", timeout=20)
@@ -131,3 +131,9 @@ async def read_until(sub: Any, marker: bytes, timeout: float) -> bytes:
             if marker in received:
                 return received
     return received
+
+
+def test_readme_documents_the_tested_acl_line() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    line = next(x for x in readme.splitlines() if x.startswith("ACL SETUSER coordinator "))
+    assert line.split("-@all ", 1)[1].split() == ACL_COMMANDS.split()
