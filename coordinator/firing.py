@@ -288,8 +288,20 @@ class FireRunner:
         args: list[str | int] = [term.lease_value, job_id, scheduled_ms, self._claim_ttl_ms, claim,
                 "missed" if missed else "run", missed.to_json() if missed else "",
                 self._history.cap]  # fmt: skip
+        replicas = self._elector.settings.min_replicas
         try:
-            reply = await CLAIM_FIRE(self._redis, keys, args)
+            if replicas:
+                # A claim a failover can undo could run again on the next leader: count
+                # it only once a replica has it (the fire is not run otherwise).
+                reply, confirmed = await CLAIM_FIRE.call_replicated(
+                    self._redis, keys, args, replicas, self._elector.settings.replica_timeout_ms
+                )
+                if confirmed < replicas:
+                    logger.warning("%s: claim of %r at %s not replicated; not running it",
+                                   self.instance_id, job_id, t)  # fmt: skip
+                    return NOT_LEADER
+            else:
+                reply = await CLAIM_FIRE(self._redis, keys, args)
         except (RedisError, OSError) as exc:
             logger.warning("%s: cannot claim %r at %s (%s); not running it",
                            self.instance_id, job_id, t, exc)  # fmt: skip

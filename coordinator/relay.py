@@ -168,15 +168,26 @@ class EventRelay:
             RedisUnavailableError: Redis could not be reached; nothing was published.
         """
         encoded = validate_event(channel, data, event, self.settings.relay_max_event_bytes)
+        keys = [self.keys.stream(channel)]
+        args: list[str | int] = [self.keys.events(), channel, event, encoded.data_json,
+                self.settings.relay_history, self.settings.relay_stream_ttl_s]  # fmt: skip
+        replicas = self.settings.min_replicas
         try:
-            raw = await PUBLISH(
-                self._redis,
-                [self.keys.stream(channel)],
-                [self.keys.events(), channel, event, encoded.data_json,
-                 self.settings.relay_history, self.settings.relay_stream_ttl_s],
-            )  # fmt: skip
+            if replicas:
+                raw, confirmed = await PUBLISH.call_replicated(
+                    self._redis, keys, args, replicas, self.settings.replica_timeout_ms
+                )
+            else:
+                raw, confirmed = await PUBLISH(self._redis, keys, args), 0
         except (ConnectionError, TimeoutError, OSError, RedisError) as exc:
             raise RedisUnavailableError(f"could not publish to {channel!r}: {exc}") from exc
+        if confirmed < replicas:
+            # Live subscribers of this primary may have it; a failover may lose it. The
+            # caller retries (at least once), rather than trust an ack a failover can undo.
+            raise RedisUnavailableError(
+                f"publish to {channel!r} reached the primary but {confirmed} of {replicas} "
+                "replicas confirmed it (COORDINATOR_MIN_REPLICAS); retry"
+            )
         self.events_published += 1
         return raw.decode() if isinstance(raw, bytes) else str(raw)
 

@@ -83,6 +83,12 @@ class CoordinatorSettings(BaseSettings):
     renew_deadline_ms: int = Field(default=3500, gt=0)
     retry_period_ms: int = Field(default=1000, gt=0)
     backoff_max_ms: int = Field(default=5000, gt=0, description="Cap of the retry backoff.")
+    min_replicas: int = Field(
+        default=0, ge=0,
+        description="Replicas that must confirm a publish or a fire claim (WAIT) before it "
+        "counts; 1 with Sentinel, so a failover cannot lose an acknowledged write.",
+    )  # fmt: skip
+    replica_timeout_ms: int = Field(default=1000, gt=0, description="How long WAIT waits.")
 
     relay_history: int = Field(default=1000, gt=0, description="Events kept per channel.")
     relay_stream_ttl_s: int = Field(default=86400, gt=0, description="Idle channel expiry.")

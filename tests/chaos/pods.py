@@ -1,0 +1,191 @@
+"""Pods of the demo (``uvicorn app.main:app --workers 2``), each behind its own TCP proxy
+to Redis; SSE clients that reconnect with Last-Event-ID and log what they receive; a
+publisher that logs acknowledged ids; a /readyz poller. Feeds the checker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+
+import httpx
+
+from coordinator.faults import TcpProxy
+
+from ..support.relay_cluster import HOST, RelayCluster
+from ..support.sse_client import SSEClient, SSEMessage
+from .checker import ClientLog, Fault, History, ProcRecord
+
+POD_ENV = {
+    "COORDINATOR_LEASE_TTL_MS": "1500", "COORDINATOR_RENEW_INTERVAL_MS": "300",
+    "COORDINATOR_RENEW_DEADLINE_MS": "1000", "COORDINATOR_RETRY_PERIOD_MS": "300",
+    "COORDINATOR_BACKOFF_MAX_MS": "500", "DEMO_COLLECT_EVERY_S": "0.5",
+}  # fmt: skip
+
+
+class Pods:
+    """``n`` pods of the demo; pod ``i`` reaches Redis through ``proxies[i]`` (or all use
+    ``direct_url``)."""
+
+    def __init__(self, redis_port: int | None, namespace: str, n: int = 2, workers: int = 2,
+                 env: dict[str, str] | None = None,
+                 direct_url: str | None = None) -> None:  # fmt: skip
+        self.proxies: list[TcpProxy] = []
+        if direct_url is None and redis_port is not None:
+            self.proxies = [TcpProxy("127.0.0.1", redis_port).start() for _ in range(n)]
+        urls = [direct_url] * n if direct_url else [p.url for p in self.proxies]
+        self.pods = [RelayCluster(url or "", namespace, workers=workers, app="app.main:app",
+                                  env={**POD_ENV, **(env or {})}) for url in urls]  # fmt: skip
+        self.faults: list[Fault] = []
+        self.readiness: list[tuple[float, int | None]] = []
+        self.clients: list[ReconnectingClient] = []
+        self.published: list[str] = []
+
+    async def wait_ready(self) -> None:
+        await asyncio.gather(*(pod.wait_ready() for pod in self.pods))
+
+    def port(self, i: int) -> int:
+        return self.pods[i % len(self.pods)].port
+
+    async def open_clients(self, channel: str, n: int, pods: list[int] | None = None) -> None:
+        for i in range(n):
+            pod = (pods or list(range(len(self.pods))))[i % len(pods or self.pods)]
+            client = ReconnectingClient(f"client{i}@pod{pod}", self.port(pod),
+                                        f"/api/channels/{channel}/events")  # fmt: skip
+            self.clients.append(client)
+            await client.start()
+
+    async def publish(self, channel: str, seq: int, pods: list[int] | None = None,
+                      timeout: float = 30) -> str:  # fmt: skip
+        """POST one event to the first pod (of ``pods``) that accepts it; log its id."""
+        order = pods or list(range(len(self.pods)))
+        deadline = time.monotonic() + timeout
+        for i in itertools.cycle(order):
+            with contextlib.suppress(httpx.HTTPError):
+                async with httpx.AsyncClient(timeout=3) as http:
+                    response = await http.post(
+                        f"http://{HOST}:{self.port(i)}/api/channels/{channel}/events",
+                        json={"data": {"seq": seq}})  # fmt: skip
+                if response.status_code == 202:
+                    event_id: str = response.json()["id"]
+                    self.published.append(event_id)
+                    return event_id
+                assert response.status_code == 503, (response.status_code, response.text)
+            if time.monotonic() > deadline:
+                raise AssertionError(f"could not publish {seq} within {timeout}s")
+            await asyncio.sleep(0.05)
+        raise AssertionError("unreachable")
+
+    async def poll_readiness(self, pod: int, stop: asyncio.Event) -> None:
+        """Sample /readyz of ``pod`` every 0.2 s on fresh connections (any worker)."""
+        while not stop.is_set():
+            status: int | None = None
+            with contextlib.suppress(httpx.HTTPError):
+                async with httpx.AsyncClient(timeout=3) as http:
+                    status = (await http.get(f"http://{HOST}:{self.port(pod)}/readyz")).status_code
+            self.readiness.append((time.monotonic(), status))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.2)
+
+    async def wait_delivered(self, timeout: float = 30) -> None:
+        """Every client holds every published id (or was told with a reset)."""
+        want = set(self.published)
+        deadline = time.monotonic() + timeout
+        while True:
+            short = [c for c in self.clients if not c.caught_up(want)]
+            if not short:
+                return
+            if time.monotonic() > deadline:
+                worst = short[0]
+                missing = sorted(want - worst.ids())[:5]
+                raise AssertionError(f"{len(short)} clients short, e.g. {worst.name} misses "
+                                     f"{missing}; log tail {worst.entries[-6:]}")  # fmt: skip
+            await asyncio.sleep(0.05)
+
+    async def stop(self) -> list[ProcRecord]:
+        for client in self.clients:
+            await client.stop()
+        records = []
+        for i, pod in enumerate(self.pods):
+            code, _ = pod.stop()
+            records.append(ProcRecord(f"pod{i}", [], exit_code=code,
+                                      stderr=pod.proc.stderr_tail(400)))  # fmt: skip
+        for proxy in self.proxies:
+            proxy.stop()
+        return records
+
+    def history(self, procs: list[ProcRecord], replay_ok: bool = True) -> History:
+        return History(procs=procs, faults=self.faults, published=list(self.published),
+                       readiness=self.readiness,
+                       clients=[ClientLog(c.name, c.entries, replay_ok)
+                                for c in self.clients])  # fmt: skip
+
+
+class ReconnectingClient:
+    """An SSE client that reconnects (with its Last-Event-ID) whenever its stream ends,
+    as a browser's EventSource does, logging opens, messages, resets and ends."""
+
+    def __init__(self, name: str, port: int, path: str) -> None:
+        self.name, self.port, self.path = name, port, path
+        self.entries: list[tuple[str, str | None]] = []
+        self.last_id: str | None = None
+        self.reconnects = 0
+        self._client: SSEClient | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._opened = asyncio.Event()
+
+    def _on(self, message: SSEMessage) -> None:
+        if message.event == "message":
+            self.entries.append(("message", message.id))
+        elif message.event == "reset":
+            self.entries.append(("reset", None))
+
+    async def start(self) -> None:
+        self._task = asyncio.ensure_future(self._run())
+        await asyncio.wait_for(self._opened.wait(), 30)
+
+    async def _run(self) -> None:
+        while True:
+            # Before any event, resume from the start of the (fresh) channel, not its tip:
+            # events published while the first stream was down are still owed.
+            resume = self.last_id if self.reconnects == 0 or self.last_id else "0-0"
+            client = SSEClient(HOST, self.port, self.path, last_event_id=resume,
+                               on_message=self._on)  # fmt: skip
+            try:
+                await client.connect()
+            except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError):
+                await asyncio.sleep(0.1)
+                continue
+            if client.status != 200:
+                await asyncio.sleep(0.1)
+                continue
+            self.entries.append(("open", self.last_id))
+            self._client = client
+            client.start()
+            # The stream is live once its hello arrived (it opens every stream).
+            while not client.ended and not client.of("hello"):  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+            self._opened.set()
+            while not client.ended:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+            self.last_id = client.last_event_id or self.last_id
+            self.entries.append(("end", None))
+            self.reconnects += 1
+            await client.close()
+
+    def ids(self) -> set[str]:
+        return {v for k, v in self.entries if k == "message" and v}
+
+    def caught_up(self, want: set[str]) -> bool:
+        return want <= self.ids() or any(k == "reset" for k, _ in self.entries)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+        if self._client is not None:
+            await self._client.close()
+
