@@ -54,6 +54,7 @@ from .presence import PresenceHeartbeat
 from .relay import EventRelay
 from .scheduler import LeaderScheduler
 from .settings import CoordinatorSettings
+from .shutdown import wait_for_server_exit
 from .sse import INSTANCE_HEADER, ChannelAuthorizer, allow_all, channel_router
 
 logger = logging.getLogger("coordinator")
@@ -103,6 +104,8 @@ class Coordinator:
         self.hostname = socket.gethostname()
         self.pid = os.getpid()
         self._started = False
+        self._drained = False
+        self._drain_task: asyncio.Task[None] | None = None
 
     # -- declaring work -----------------------------------------------------------
     def job(self, trigger: str | Any, **options: Any) -> Callable[[Any], Any]:
@@ -135,14 +138,45 @@ class Coordinator:
         await self.scheduler.start()
         self.metrics.start()
         self.presence.start()
+        self._drain_task = asyncio.create_task(self._drain_on_server_exit(), name="drain-watch")
+
+    async def drain(self) -> None:
+        """Hand over at once: stop starting fires, let running jobs finish, release the
+        lease (another process leads within milliseconds) and end this process's SSE
+        streams (their clients reconnect elsewhere and replay). Publishing and
+        status routes keep working until :meth:`stop`. Idempotent.
+
+        Called automatically when uvicorn starts shutting down (see
+        :mod:`coordinator.shutdown`); call it yourself from a ``preStop`` hook or
+        a signal handler under other servers.
+        """
+        if self._drained:
+            return
+        self._drained = True
+        logger.info("%s: draining: handing over leadership, ending streams",
+                    self.settings.instance_id)  # fmt: skip
+        await self.scheduler.stop(timeout=self.shutdown_timeout)
+        await self.elector.stop()
+        await self.relay.stop()
+
+    async def _drain_on_server_exit(self) -> None:
+        await wait_for_server_exit()
+        await self.drain()
 
     async def stop(self) -> None:
         """Stop in the order that loses nothing: jobs, lease, streams, connections."""
         if not self._started:
             return
         self._started = False
+        if self._drain_task is not None:
+            if not self._drained:
+                self._drain_task.cancel()  # still watching: stop watching
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._drain_task  # a drain under way finishes first
+            self._drain_task = None
         await self.presence.stop()
         await self.metrics.stop()
+        self._drained = False
         await self.scheduler.stop(timeout=self.shutdown_timeout)
         await self.elector.stop()
         await self.relay.stop()
