@@ -111,7 +111,12 @@ def validate_event(channel: str, data: Any, event: str, max_bytes: int) -> Encod
         data_json = json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise InvalidEventError(f"event data is not JSON-serialisable: {exc}") from None
-    size = len(data_json.encode("utf-8")) + len(event)
+    except RecursionError:
+        raise InvalidEventError("event data is nested too deeply") from None
+    try:
+        size = len(data_json.encode("utf-8")) + len(event)
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800"): found by tests/chaos, was a 500
+        raise InvalidEventError("event data holds text that is not valid Unicode") from None
     if size > max_bytes:
         raise EventTooLargeError(size, max_bytes)
     return EncodedEvent(channel, event, data_json)

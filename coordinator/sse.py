@@ -187,6 +187,8 @@ def channel_router(
             body = json.loads(raw)
         except ValueError as exc:
             raise HTTPException(422, f"body is not valid JSON: {exc}", headers=headers) from None
+        except RecursionError:  # found by tests/chaos/test_abuse.py: was a 500
+            raise HTTPException(422, "body is nested too deeply", headers=headers) from None
         try:
             event = parse_publish_body(body)
             event_id = await relay.publish(channel, event.data, event=event.event)

@@ -38,8 +38,10 @@ class NodeCluster:
     ``proxies[g]`` (or, with ``direct_url``, every node uses that URL: Sentinel)."""
 
     def __init__(self, redis_port: int | None, namespace: str, groups: int = 2,
-                 per_group: int = 2, direct_url: str | None = None) -> None:  # fmt: skip
+                 per_group: int = 2, direct_url: str | None = None,
+                 env: dict[str, str] | None = None) -> None:  # fmt: skip
         self.namespace = namespace
+        self.env = env or {}
         self.redis_port = redis_port
         self.direct_url = direct_url
         self.proxies: list[TcpProxy] = []
@@ -60,7 +62,8 @@ class NodeCluster:
     def spawn(self, group: int) -> Proc:
         name = f"g{group}-n{next(self._ids)}"
         env = {**TIMING, "REDIS_URL": self.url(group), "COORDINATOR_NAMESPACE": self.namespace,
-               "COORDINATOR_INSTANCE_ID": name, "CHAOS_TICK_S": str(TICK_S)}  # fmt: skip
+               "COORDINATOR_INSTANCE_ID": name, "CHAOS_TICK_S": str(TICK_S),
+               **self.env}  # fmt: skip
         proc = Proc("tests.chaos.node", env=env, name=name)
         self.procs[name] = proc
         self.group_of[name] = group
