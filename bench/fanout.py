@@ -39,7 +39,7 @@ import httpx
 import psutil
 
 from coordinator.testing import RedisServer
-from tests.support.relay_cluster import HOST, RelayCluster
+from tests.support.app_cluster import HOST, AppCluster
 from tests.support.sse_client import SSEClient, SSEMessage
 
 from ._stats import percentile
@@ -138,7 +138,7 @@ async def run_one(system: str, n: int, args: argparse.Namespace) -> dict[str, An
     with RedisServer(extra_args=["--maxclients", "20000"]) as server:
         env = {"BENCH_MODE": system, "COORDINATOR_SSE_PING_S": "15"}
         app = APPS.get(system, "bench._fanout_apps:app")
-        cluster = RelayCluster(server.url, namespace, workers=4, env=env, app=app)
+        cluster = AppCluster(server.url, namespace, workers=4, env=env, app=app)
         redis = server.url
         try:
             await cluster.wait_ready()

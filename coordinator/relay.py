@@ -65,49 +65,15 @@ from .events import (
     sse_frame,
     validate_event,
 )
+from .history import ReplayResult, read_history
 from .keys import Keys
-from .scripts import PUBLISH, REPLAY
+from .scripts import PUBLISH
 from .settings import CoordinatorSettings
 from .subscription import Subscription
 
 logger = logging.getLogger("coordinator.relay")
 
 _YIELD_EVERY = 16  # messages handled before giving consumers a turn on the loop
-
-
-def _bytes(value: bytes | str) -> bytes:
-    return value if isinstance(value, bytes) else value.encode("utf-8")
-
-
-class ReplayResult:
-    """What :data:`~coordinator.scripts.REPLAY` read: entries after an id, and gap facts."""
-
-    def __init__(self, reply: list[Any]) -> None:
-        exists, last_generated, first_id, trimmed, entries = reply
-        self.exists = bool(exists)
-        self.last_generated = parse_event_id(last_generated) if last_generated else None
-        self.first_id = parse_event_id(first_id) if first_id else None
-        self.trimmed = int(trimmed)  # 1 yes, 0 no, -1 unknown (Redis < 7.0)
-        self.entries: list[tuple[EventId, bytes]] = []
-        for raw_id, fields in entries:
-            values = dict(zip(map(_bytes, fields[::2]), map(_bytes, fields[1::2]), strict=True))
-            raw = _bytes(raw_id)
-            self.entries.append(
-                (parse_event_id(raw), sse_frame(raw, values[b"event"], values[b"data"]))
-            )
-
-    def lost_after(self, after: EventId) -> str | None:
-        """Why events after ``after`` may be missing from this read, or None if none are."""
-        if not self.exists:
-            return None
-        if self.last_generated is not None and after > self.last_generated:
-            return "unknown-id"
-        # Trimming removes the oldest entries, so events after `after` were lost if the
-        # oldest retained is newer than `after` (conservative: `after` itself may have
-        # been the newest entry removed).
-        if self.trimmed == 0 or self.first_id is None:
-            return None
-        return "trimmed" if self.first_id > after else None
 
 
 class EventRelay:
@@ -263,15 +229,10 @@ class EventRelay:
         return self.settings.relay_history + 1000
 
     async def _read(self, channel: str, after: EventId | None, count: int | None) -> ReplayResult:
-        try:
-            reply = await REPLAY(
-                self._redis,
-                [self.keys.stream(channel)],
-                [str(after or EventId(0, 0)), self._page if count is None else count],
-            )
-        except (ConnectionError, TimeoutError, OSError, RedisError) as exc:
-            raise RedisUnavailableError(f"could not read channel {channel!r}: {exc}") from exc
-        return ReplayResult(reply)
+        return await read_history(
+            self._redis, self.keys.stream(channel), channel, after,
+            self._page if count is None else count,
+        )  # fmt: skip
 
     def _discard(self, sub: Subscription) -> None:
         subs = self._subs.get(sub.channel)

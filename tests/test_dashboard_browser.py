@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from .support.app_cluster import AppCluster
 from .support.procs import ROOT
-from .support.relay_cluster import RelayCluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -50,17 +50,14 @@ def find_or_install_chromium() -> str:
 
 
 @pytest.fixture
-async def demo(redis_url: str) -> AsyncIterator[RelayCluster]:
-    cluster = RelayCluster(redis_url, f"ui{uuid.uuid4().hex[:8]}", workers=4, app="app.main:app",
-                           env={"DEMO_COLLECT_EVERY_S": "1"})  # fmt: skip
-    try:
-        await cluster.wait_ready()
+async def demo(redis_url: str) -> AsyncIterator[AppCluster]:
+    cluster = AppCluster(redis_url, f"ui{uuid.uuid4().hex[:8]}", workers=4, app="app.main:app",
+                         env={"DEMO_COLLECT_EVERY_S": "1"})  # fmt: skip
+    async with cluster.running():
         yield cluster
-    finally:
-        cluster.stop()
 
 
-async def test_two_dashboards_on_different_workers(demo: RelayCluster) -> None:
+async def test_two_dashboards_on_different_workers(demo: AppCluster) -> None:
     playwright_api = pytest.importorskip("playwright.async_api")
     chromium = find_or_install_chromium()
     OUTPUT.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from .support.relay_cluster import RelayCluster
+from .support.app_cluster import AppCluster
 from .support.sse_client import SSEClient
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
@@ -30,20 +30,16 @@ RUN_FIELDS = {"job_id", "scheduled_at", "started_at", "finished_at", "instance_i
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def demo(redis_url: str) -> AsyncIterator[RelayCluster]:
+async def demo(redis_url: str) -> AsyncIterator[AppCluster]:
     import uuid
 
-    cluster = RelayCluster(redis_url, f"demo{uuid.uuid4().hex[:8]}", workers=4, env=DEMO_ENV,
-                           app="app.main:app")  # fmt: skip
-    try:
-        await cluster.wait_ready()
+    cluster = AppCluster(redis_url, f"demo{uuid.uuid4().hex[:8]}", workers=4, env=DEMO_ENV,
+                         app="app.main:app")  # fmt: skip
+    async with cluster.running():
         yield cluster
-    finally:
-        code, _ = cluster.stop()
-        assert code == 0, cluster.proc.stderr_tail()
 
 
-async def every_worker(demo: RelayCluster, path: str) -> dict[str, dict[str, Any]]:
+async def every_worker(demo: AppCluster, path: str) -> dict[str, dict[str, Any]]:
     """The JSON answer of ``path`` from each of the 4 workers, by instance."""
     seen: dict[str, dict[str, Any]] = {}
     deadline = time.monotonic() + 30
@@ -55,7 +51,7 @@ async def every_worker(demo: RelayCluster, path: str) -> dict[str, dict[str, Any
     return seen
 
 
-async def test_health_and_instance(demo: RelayCluster) -> None:
+async def test_health_and_instance(demo: AppCluster) -> None:
     assert (await demo.get("/healthz")).status_code == 200
     ready = await demo.get("/readyz")
     assert ready.status_code == 200 and ready.json()["relay"] == "subscribed"
@@ -66,7 +62,7 @@ async def test_health_and_instance(demo: RelayCluster) -> None:
     assert len({b["pid"] for b in instances.values()}) == 4
 
 
-async def test_exactly_one_leader_and_it_is_reported(demo: RelayCluster) -> None:
+async def test_exactly_one_leader_and_it_is_reported(demo: AppCluster) -> None:
     deadline = time.monotonic() + 20
     while True:
         leader = (await demo.get("/api/leader")).json()["leader"]
@@ -80,7 +76,7 @@ async def test_exactly_one_leader_and_it_is_reported(demo: RelayCluster) -> None
     assert isinstance(leader["fencing_token"], int) and 0 < leader["ttl_ms"] <= 5000
 
 
-async def test_jobs_and_runs(demo: RelayCluster) -> None:
+async def test_jobs_and_runs(demo: AppCluster) -> None:
     jobs = (await demo.get("/api/jobs")).json()["jobs"]
     assert {j["id"] for j in jobs} == {"collect-metrics", "periodic-report", "cleanup"}
     for job in jobs:
@@ -101,12 +97,12 @@ async def test_jobs_and_runs(demo: RelayCluster) -> None:
 
 
 @pytest.mark.parametrize("query", ["limit=0", "limit=5000", "limit=abc"])
-async def test_runs_bad_limit_is_422(demo: RelayCluster, query: str) -> None:
+async def test_runs_bad_limit_is_422(demo: AppCluster, query: str) -> None:
     response = await demo.get(f"/api/jobs/runs?{query}")
     assert response.status_code == 422 and "limit" in response.text
 
 
-async def test_publish_and_stream(demo: RelayCluster) -> None:
+async def test_publish_and_stream(demo: AppCluster) -> None:
     client = SSEClient("127.0.0.1", demo.port, "/api/channels/contract/events")
     await client.connect()
     assert client.status == 200
@@ -139,7 +135,7 @@ async def test_publish_and_stream(demo: RelayCluster) -> None:
         ("/api/channels/" + "c" * 200 + "/events", b'{"data": 1}', 422),
     ],
 )
-async def test_publish_bad_input(demo: RelayCluster, path: str, body: bytes, status: int) -> None:
+async def test_publish_bad_input(demo: AppCluster, path: str, body: bytes, status: int) -> None:
     async with httpx.AsyncClient(base_url=demo.base) as http:
         response = await http.post(path, content=body,
                                    headers={"content-type": "application/json"})  # fmt: skip
@@ -148,13 +144,13 @@ async def test_publish_bad_input(demo: RelayCluster, path: str, body: bytes, sta
 
 
 @pytest.mark.parametrize("resume", ["garbage", "12-x", "-1-0", "9" * 40 + "-0"])
-async def test_stream_bad_last_event_id_is_400(demo: RelayCluster, resume: str) -> None:
+async def test_stream_bad_last_event_id_is_400(demo: AppCluster, resume: str) -> None:
     response = await demo.get(f"/api/channels/ok/events?last_event_id={resume}")
     assert response.status_code == 400, response.text
     assert "Last-Event-ID" in response.json()["detail"]
 
 
-async def test_dashboard_page(demo: RelayCluster) -> None:
+async def test_dashboard_page(demo: AppCluster) -> None:
     response = await demo.get("/")
     assert response.status_code == 200 and "text/html" in response.headers["content-type"]
     assert response.headers["x-coordinator-instance"] in response.text
@@ -168,7 +164,7 @@ def metric(text: str, name: str, labels: str = "") -> float:
     return sum(float(v) for v in re.findall(pattern, text, re.M))
 
 
-async def test_metrics_aggregate_all_workers(demo: RelayCluster) -> None:
+async def test_metrics_aggregate_all_workers(demo: AppCluster) -> None:
     await every_worker(demo, "/api/instance")  # every worker has started and sampled
     deadline = time.monotonic() + 15
     while True:
@@ -206,5 +202,5 @@ async def test_metrics_aggregate_all_workers(demo: RelayCluster) -> None:
         await publisher.aclose()
 
 
-async def test_unknown_path_is_404(demo: RelayCluster) -> None:
+async def test_unknown_path_is_404(demo: AppCluster) -> None:
     assert (await demo.get("/api/nothing")).status_code == 404

@@ -15,8 +15,8 @@ import pytest
 
 from coordinator.testing import RedisServer, free_port
 
+from .support.app_cluster import AppCluster
 from .support.procs import ROOT, Proc, wait_for
-from .support.relay_cluster import RelayCluster
 
 pytestmark = pytest.mark.slow
 
@@ -88,7 +88,7 @@ def test_readme_demo_command_comes_up_and_stops_cleanly(tmp_path: Path) -> None:
 
 async def test_starts_without_redis_and_recovers_by_itself() -> None:
     port = free_port()
-    cluster = RelayCluster(f"redis://127.0.0.1:{port}/0", f"down{uuid.uuid4().hex[:6]}",
+    cluster = AppCluster(f"redis://127.0.0.1:{port}/0", f"down{uuid.uuid4().hex[:6]}",
                            workers=2, app="app.main:app",
                            env={"COORDINATOR_BACKOFF_MAX_MS": "500"})  # fmt: skip
     server: RedisServer | None = None

@@ -18,8 +18,8 @@ import pytest_asyncio
 
 from coordinator.testing import RedisServer
 
+from .support.app_cluster import HOST, AppCluster
 from .support.procs import Proc
-from .support.relay_cluster import HOST, RelayCluster
 from .support.sse_client import SSEClient
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
@@ -44,33 +44,28 @@ def server() -> Iterator[RedisServer]:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def demo(server: RedisServer) -> AsyncIterator[RelayCluster]:
+async def demo(server: RedisServer) -> AsyncIterator[AppCluster]:
     url = f"redis://:{PASSWORD}@127.0.0.1:{server.port}/0"
-    cluster = RelayCluster(url, f"ops{uuid.uuid4().hex[:8]}", workers=1, env=ENV,
-                           app="app.main:app")  # fmt: skip
-    try:
-        await cluster.wait_ready()
+    cluster = AppCluster(url, f"ops{uuid.uuid4().hex[:8]}", workers=1, env=ENV,
+                         app="app.main:app")  # fmt: skip
+    async with cluster.running(exit_codes=(0, -15)):
         yield cluster
-    finally:
-        code, _ = cluster.stop()
-        # One worker: uvicorn shuts down gracefully, then re-raises the SIGTERM it caught.
-        assert code in (0, -15), cluster.proc.stderr_tail()
-        assert "stepped down" in cluster.proc.stderr_tail(), cluster.proc.stderr_tail()
+    assert "stepped down" in cluster.proc.stderr_tail(), cluster.proc.stderr_tail()
 
 
-def stream(demo: RelayCluster, channel: str, token: str | None = SUBSCRIBE_TOKEN) -> SSEClient:
+def stream(demo: AppCluster, channel: str, token: str | None = SUBSCRIBE_TOKEN) -> SSEClient:
     query = f"?access_token={token}" if token else ""
     return SSEClient(HOST, demo.port, f"/api/channels/{channel}/events{query}")
 
 
-async def post(demo: RelayCluster, channel: str, data: Any,
+async def post(demo: AppCluster, channel: str, data: Any,
                headers: dict[str, str] | None = None) -> httpx.Response:  # fmt: skip
     async with httpx.AsyncClient(base_url=demo.base, timeout=10) as http:
         return await http.post(f"/api/channels/{channel}/events", json={"data": data},
                                headers=headers or {})  # fmt: skip
 
 
-async def test_denied_requests_get_403_and_nothing_leaks(demo: RelayCluster) -> None:
+async def test_denied_requests_get_403_and_nothing_leaks(demo: AppCluster) -> None:
     for token in (None, "wrong"):
         denied = await stream(demo, "secure", token).connect()
         assert denied.status == 403 and b"not allowed to subscribe" in denied.body
@@ -97,7 +92,7 @@ async def test_denied_requests_get_403_and_nothing_leaks(demo: RelayCluster) -> 
     await replay.close()
 
 
-async def test_streams_per_client_limit_is_429(demo: RelayCluster) -> None:
+async def test_streams_per_client_limit_is_429(demo: AppCluster) -> None:
     async def open_streams(n: int) -> list[SSEClient]:
         return [await stream(demo, f"lim{i}").connect() for i in range(n)]
 
@@ -129,7 +124,7 @@ async def test_streams_per_client_limit_is_429(demo: RelayCluster) -> None:
             await c.close()
 
 
-async def test_leader_and_instance_show_only_the_contract(demo: RelayCluster) -> None:
+async def test_leader_and_instance_show_only_the_contract(demo: AppCluster) -> None:
     deadline = time.monotonic() + 15
     while (leader := (await demo.get("/api/leader")).json()["leader"]) is None:
         assert time.monotonic() < deadline
@@ -141,7 +136,7 @@ async def test_leader_and_instance_show_only_the_contract(demo: RelayCluster) ->
         assert PASSWORD not in body and "client_id" not in body and "redis://" not in body
 
 
-async def test_publish_rate_per_client_is_429_with_retry_after(demo: RelayCluster) -> None:
+async def test_publish_rate_per_client_is_429_with_retry_after(demo: AppCluster) -> None:
     codes = []
     limited = None
     for n in range(12):
@@ -156,7 +151,7 @@ async def test_publish_rate_per_client_is_429_with_retry_after(demo: RelayCluste
     assert (await post(demo, "rate", "later", AUTH)).status_code == 202
 
 
-async def test_logs_are_json_lines_without_the_password(demo: RelayCluster) -> None:
+async def test_logs_are_json_lines_without_the_password(demo: AppCluster) -> None:
     lines = [line for line in demo.proc.stderr_lines if line.strip()]
     assert PASSWORD not in "\n".join(lines)
     records = [json.loads(line) for line in lines if line.startswith("{")]

@@ -15,7 +15,7 @@ import pytest
 from coordinator import CoordinatorSettings
 from coordinator.testing import async_wait_until
 
-from .support.relay_cluster import HOST, RelayCluster, wait_messages
+from .support.app_cluster import HOST, AppCluster, wait_messages
 from .support.sse_client import SSEClient
 from .test_relay import kill_listeners_and_publish
 
@@ -31,16 +31,13 @@ def assert_exact(client: SSEClient, expected: list[Any]) -> None:
 
 
 @pytest.fixture
-async def cluster(redis_url: str, namespace: str) -> AsyncIterator[RelayCluster]:
-    app = RelayCluster(redis_url, namespace, workers=4)
-    try:
-        await app.wait_ready()
+async def cluster(redis_url: str, namespace: str) -> AsyncIterator[AppCluster]:
+    app = AppCluster(redis_url, namespace, workers=4)
+    async with app.running():
         yield app
-    finally:
-        app.stop()
 
 
-async def test_fanout_1000_events_40_clients_on_4_workers(cluster: RelayCluster) -> None:
+async def test_fanout_1000_events_40_clients_on_4_workers(cluster: AppCluster) -> None:
     clients = await cluster.clients("/api/channels/fanout/events", 40, min_instances=3)
     publishers = await cluster.publishers()
     used: set[str] = set()
@@ -62,7 +59,7 @@ async def test_fanout_1000_events_40_clients_on_4_workers(cluster: RelayCluster)
             await publisher.aclose()
 
 
-async def test_reconnect_with_last_event_id_to_another_worker(cluster: RelayCluster) -> None:
+async def test_reconnect_with_last_event_id_to_another_worker(cluster: AppCluster) -> None:
     path = "/api/channels/resume/events"
     [first] = await cluster.clients(path, 1, min_instances=1)
     [publisher] = await cluster.publishers(1)
@@ -94,7 +91,7 @@ async def test_reconnect_with_last_event_id_to_another_worker(cluster: RelayClus
     await publisher.aclose()
 
 
-async def test_bad_input_gets_4xx_never_500(cluster: RelayCluster) -> None:
+async def test_bad_input_gets_4xx_never_500(cluster: AppCluster) -> None:
     async with httpx.AsyncClient(base_url=cluster.base, timeout=10) as http:
         cases = [
             (await http.post("/api/channels/bad%20name/events", json={"data": 1}), 422, "channel"),
@@ -124,7 +121,7 @@ async def test_bad_input_gets_4xx_never_500(cluster: RelayCluster) -> None:
 
 
 async def test_redis_restart_mid_stream(redis_server: Any, namespace: str) -> None:
-    app = RelayCluster(redis_server.url, namespace, workers=4)
+    app = AppCluster(redis_server.url, namespace, workers=4)
     clients: list[SSEClient] = []
     try:
         await app.wait_ready()
@@ -172,7 +169,7 @@ async def test_redis_restart_mid_stream(redis_server: Any, namespace: str) -> No
 
 async def test_client_kill_pubsub_recovers_and_backfills(redis_server: Any,
                                                          namespace: str) -> None:  # fmt: skip
-    app = RelayCluster(redis_server.url, namespace, workers=4)
+    app = AppCluster(redis_server.url, namespace, workers=4)
     try:
         await app.wait_ready()
         clients = await app.clients("/api/channels/kill/events", 8, min_instances=2)
@@ -201,7 +198,7 @@ async def test_client_kill_pubsub_recovers_and_backfills(redis_server: Any,
 async def test_client_that_never_reads_is_cut_others_unaffected(
     redis_url: str, namespace: str
 ) -> None:
-    app = RelayCluster(redis_url, namespace, workers=1,
+    app = AppCluster(redis_url, namespace, workers=1,
                        env={"COORDINATOR_RELAY_CLIENT_QUEUE": "32"})  # fmt: skip
     path = "/api/channels/slow/events"
     good: list[SSEClient] = []

@@ -21,8 +21,8 @@ from typing import Any
 import httpx
 import pytest
 
+from .support.app_cluster import AppCluster
 from .support.procs import ROOT
-from .support.relay_cluster import RelayCluster
 from .support.sse_client import SSEClient, SSEMessage
 
 pytestmark = pytest.mark.slow
@@ -35,10 +35,10 @@ class Pods:
     def __init__(self, redis_url: str, namespace: str) -> None:
         self.redis_url = redis_url
         self.namespace = namespace
-        self.pods: dict[str, RelayCluster] = {}
+        self.pods: dict[str, AppCluster] = {}
 
-    def start(self, name: str) -> RelayCluster:
-        pod = RelayCluster(self.redis_url, self.namespace, workers=2, app="app.main:app",
+    def start(self, name: str) -> AppCluster:
+        pod = AppCluster(self.redis_url, self.namespace, workers=2, app="app.main:app",
                            env={**POD_ENV, "POD_NAME": name})  # fmt: skip
         self.pods[name] = pod
         return pod

@@ -14,7 +14,7 @@ import httpx
 
 from coordinator.faults import TcpProxy
 
-from ..support.relay_cluster import HOST, RelayCluster
+from ..support.app_cluster import HOST, AppCluster
 from ..support.sse_client import SSEClient, SSEMessage
 from .checker import ClientLog, Fault, History, ProcRecord
 
@@ -36,7 +36,7 @@ class Pods:
         if direct_url is None and redis_port is not None:
             self.proxies = [TcpProxy("127.0.0.1", redis_port).start() for _ in range(n)]
         urls = [direct_url] * n if direct_url else [p.url for p in self.proxies]
-        self.pods = [RelayCluster(url or "", namespace, workers=workers, app="app.main:app",
+        self.pods = [AppCluster(url or "", namespace, workers=workers, app="app.main:app",
                                   env={**POD_ENV, **(env or {})}) for url in urls]  # fmt: skip
         self.faults: list[Fault] = []
         self.readiness: list[tuple[float, int | None]] = []

@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
-from ..support.relay_cluster import HOST, RelayCluster
+from ..support.app_cluster import HOST, AppCluster
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(300)]
 
@@ -55,17 +55,11 @@ def bodies(rng: random.Random) -> list[bytes | None]:
 
 
 @pytest.fixture
-async def app(redis_url: str, namespace: str) -> AsyncIterator[RelayCluster]:
-    cluster = RelayCluster(redis_url, namespace, workers=1, app="app.main:app",
-                           env={"COORDINATOR_SSE_MAX_CONNECTIONS_PER_CLIENT": "20"})  # fmt: skip
-    try:
-        await cluster.wait_ready()
+async def app(redis_url: str, namespace: str) -> AsyncIterator[AppCluster]:
+    cluster = AppCluster(redis_url, namespace, workers=1, app="app.main:app",
+                         env={"COORDINATOR_SSE_MAX_CONNECTIONS_PER_CLIENT": "20"})  # fmt: skip
+    async with cluster.running(exit_codes=(0, -15)):
         yield cluster
-    finally:
-        code, _ = cluster.stop()
-        # A single-process uvicorn re-raises the SIGTERM it handled once it has shut down.
-        assert code in (0, -15), cluster.proc.stderr_tail()
-        assert "Traceback" not in cluster.proc.stderr_tail(400), cluster.proc.stderr_tail()
 
 
 def check(response: httpx.Response, what: str) -> None:
@@ -73,7 +67,7 @@ def check(response: httpx.Response, what: str) -> None:
     assert "Traceback" not in response.text and 'File "' not in response.text, what
 
 
-async def test_openapi_operations_never_500(app: RelayCluster, chaos_seed: int) -> None:
+async def test_openapi_operations_never_500(app: AppCluster, chaos_seed: int) -> None:
     rng = random.Random(chaos_seed)
     async with httpx.AsyncClient(base_url=app.base, timeout=10) as http:
         schema = (await http.get("/openapi.json")).json()
@@ -101,7 +95,7 @@ async def test_openapi_operations_never_500(app: RelayCluster, chaos_seed: int) 
     print(f"{sent} generated requests over {len(operations)} operations, no 5xx")
 
 
-async def test_oversized_and_nested_payloads_get_clear_4xx(app: RelayCluster) -> None:
+async def test_oversized_and_nested_payloads_get_clear_4xx(app: AppCluster) -> None:
     async with httpx.AsyncClient(base_url=app.base, timeout=20) as http:
         big = await http.post("/api/channels/c/events", json={"data": "x" * 70_000})
         assert big.status_code == 413 and "bytes" in big.text, big.text
@@ -117,7 +111,7 @@ async def test_oversized_and_nested_payloads_get_clear_4xx(app: RelayCluster) ->
             assert r.json()["detail"], r.text
 
 
-async def test_many_channels_and_connections_from_one_client(app: RelayCluster) -> None:
+async def test_many_channels_and_connections_from_one_client(app: AppCluster) -> None:
     async with httpx.AsyncClient(base_url=app.base, timeout=20) as http:
         rss_before = await worker_rss(app)
         for batch in range(10):
@@ -143,7 +137,7 @@ async def test_many_channels_and_connections_from_one_client(app: RelayCluster) 
     assert statuses.count(200) == 20 and statuses.count(429) == 20, statuses
 
 
-async def worker_rss(app: RelayCluster) -> int:
+async def worker_rss(app: AppCluster) -> int:
     """Resident memory of the (single) worker, from /proc via its pid."""
     async with httpx.AsyncClient(base_url=app.base, timeout=5) as http:
         pid = (await http.get("/api/instance")).json()["pid"]

@@ -1,6 +1,8 @@
-"""Drive ``tests.support.relay_app`` under ``uvicorn --workers N`` over real sockets.
+"""Run an ASGI app under ``uvicorn --workers N`` and drive it over real sockets.
 
-Used by the multi-worker relay tests and by ``bench/fanout.py``.
+The demo (``app="app.main:app"``) or the relay-only test app (the default,
+``tests.support.relay_app``). Used by the multi-worker tests, the chaos suite
+and ``bench/fanout.py``.
 """
 
 from __future__ import annotations
@@ -8,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import httpx
@@ -21,8 +23,8 @@ from .sse_client import SSEClient
 HOST = "127.0.0.1"
 
 
-class RelayCluster:
-    """``uvicorn tests.support.relay_app:app --workers N`` on a free port."""
+class AppCluster:
+    """``uvicorn APP --workers N`` on a free port, with ``REDIS_URL`` and a namespace."""
 
     def __init__(self, redis_url: str, namespace: str, workers: int = 4,
                  env: dict[str, str] | None = None,
@@ -39,6 +41,22 @@ class RelayCluster:
             "--timeout-worker-healthcheck", "60", "--timeout-graceful-shutdown", "20",
             env=full_env, name=f"uvicorn:{self.port}",
         )  # fmt: skip
+
+    @contextlib.asynccontextmanager
+    async def running(self, exit_codes: tuple[int, ...] = (0,)) -> AsyncIterator[AppCluster]:
+        """Wait until every worker is ready; on exit stop it and check how it ended.
+
+        A single-process uvicorn (``workers=1``) re-raises the SIGTERM it handled
+        after a graceful shutdown, so pass ``exit_codes=(0, -15)`` for it.
+        """
+        try:
+            await self.wait_ready()
+            yield self
+        finally:
+            code, _ = self.stop()
+            tail = self.proc.stderr_tail(400)
+            assert code in exit_codes, tail
+            assert "Traceback" not in tail, tail
 
     async def get(self, path: str, timeout: float = 10) -> httpx.Response:
         """A GET on a fresh connection (so it may land on any worker)."""
