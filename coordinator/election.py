@@ -58,8 +58,10 @@ from redis.exceptions import RedisError, ResponseError
 from .backoff import Backoff
 from .keys import Keys
 from .lease import LeaderInfo, Term, read_leader
+from .notices import listen_for_notices
 from .scripts import ACQUIRE, CHECK, RELEASE, RENEW
 from .settings import CoordinatorSettings, check_name
+from .tasks import cancel_and_wait
 
 __all__ = [
     "ElectedCallback",
@@ -208,7 +210,13 @@ class LeaderElector:
         self._stopping.clear()
         self._conn = self._redis.client()
         self._task = asyncio.create_task(self._run(), name=f"elector:{self.name}")
-        self._notice_task = asyncio.create_task(self._listen_notices(), name="elector-notices")
+        self._notice_task = asyncio.create_task(
+            listen_for_notices(
+                self._redis, self._notices, self._on_notice,
+                backoff_cap=self.settings.backoff_max_ms / 1000, who=self.instance_id,
+            ),
+            name="elector-notices",
+        )  # fmt: skip
 
     async def stop(self, release: bool = True) -> None:
         """Stop campaigning; if leading, end the term (callbacks first), then release.
@@ -221,10 +229,7 @@ class LeaderElector:
         self._stopping.set()
         self._wake.set()
         for task in (self._task, self._notice_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await cancel_and_wait(task)
         self._task = self._notice_task = None
         if self._term is not None:
             await self._end_term("released", release=release)
@@ -437,22 +442,6 @@ class LeaderElector:
             async with asyncio.timeout(max(0.0, seconds)):
                 await self._wake.wait()
 
-    async def _listen_notices(self) -> None:
-        backoff = Backoff(base=0.1, cap=self.settings.backoff_max_ms / 1000)
-        while not self._stopping.is_set():
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(self._notices)
-                backoff.reset()
-                while True:
-                    message = await pubsub.get_message(timeout=30.0)
-                    if message is not None and self._term is None:
-                        self._wake.set()
-            except asyncio.CancelledError:
-                raise
-            except (RedisError, OSError) as exc:
-                logger.debug("%s: notice listener error: %s", self.instance_id, exc)
-                await asyncio.sleep(backoff.next())
-            finally:
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(pubsub.aclose())  # type: ignore[no-untyped-call]
+    def _on_notice(self, data: bytes) -> None:
+        if self._term is None:
+            self._wake.set()  # the holder released: campaign now, not at the next tick

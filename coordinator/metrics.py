@@ -64,6 +64,8 @@ from prometheus_client import (  # noqa: E402
     multiprocess,
 )
 
+from .tasks import cancel_and_wait  # noqa: E402
+
 if TYPE_CHECKING:
     from .integration import Coordinator
 
@@ -190,11 +192,8 @@ class CoordinatorMetrics:
             self._task = asyncio.create_task(self._run(), name="coordinator-metrics")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         self.sample()
         if MULTIPROCESS:
             # Live gauges of this process disappear; counters keep their totals.

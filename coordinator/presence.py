@@ -32,6 +32,7 @@ from redis.exceptions import RedisError
 
 from .keys import Keys
 from .settings import CoordinatorSettings
+from .tasks import cancel_and_wait
 
 logger = logging.getLogger("coordinator.presence")
 
@@ -95,9 +96,7 @@ class PresenceHeartbeat:
         """Stop heartbeating and mark this instance gone (best effort)."""
         if self._task is None:
             return
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        await cancel_and_wait(self._task)
         self._task = None
         with contextlib.suppress(RedisError, OSError, TimeoutError):
             async with asyncio.timeout(1.0):

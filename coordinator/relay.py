@@ -70,6 +70,7 @@ from .keys import Keys
 from .scripts import PUBLISH
 from .settings import CoordinatorSettings
 from .subscription import Subscription
+from .tasks import cancel_and_wait
 
 logger = logging.getLogger("coordinator.relay")
 
@@ -296,11 +297,8 @@ class EventRelay:
         for subs in list(self._subs.values()):
             for sub in list(subs):
                 sub.close("shutdown")
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         if self._listen_redis is not None:
             await self._listen_redis.aclose()
             self._listen_redis = None
