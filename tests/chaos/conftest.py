@@ -25,14 +25,6 @@ _rows: dict[str, dict[str, Any]] = {}
 _started = time.monotonic()
 
 
-def pytest_addoption(parser: pytest.Parser) -> None:
-    group = parser.getgroup("chaos")
-    group.addoption("--chaos-rounds", type=int, default=1,
-                    help="repeat each chaos fault N times (default 1)")  # fmt: skip
-    group.addoption("--chaos-seed", type=int, default=None,
-                    help="seed of the random fault mixes (default: random, printed)")  # fmt: skip
-
-
 @pytest.fixture(scope="session")
 def chaos_rounds(request: pytest.FixtureRequest) -> int:
     return max(1, int(request.config.getoption("--chaos-rounds", default=1)))
