@@ -23,7 +23,7 @@ import urllib.request
 from types import FrameType
 
 from coordinator.connection import redact_url
-from coordinator.testing import RedisBinaryNotFound, RedisServer
+from coordinator.testing import RedisBinaryNotFound, RedisServer, die_with_parent
 
 
 def _ready(url: str) -> bool:
@@ -74,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     ]  # fmt: skip
     # Its own session: a terminal's Ctrl-C reaches only us, and we send uvicorn
     # one SIGINT, so workers get one signal and shut down gracefully.
-    server = subprocess.Popen(command, env=env, start_new_session=True)
+    server = subprocess.Popen(
+        command, env=env, start_new_session=True, preexec_fn=die_with_parent(signal.SIGTERM)
+    )
     base = f"http://{args.host}:{args.port}"
     try:
         deadline = time.monotonic() + 60

@@ -24,7 +24,9 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -63,6 +65,28 @@ def find_redis_server() -> str:
             candidate.chmod(0o755)
         return str(candidate)
     raise RedisBinaryNotFound()
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> Callable[[], None] | None:
+    """A ``preexec_fn`` so a child gets ``sig`` when the process that started it dies.
+
+    Keeps an interrupted test run (Ctrl-C twice, a CI timeout) from leaving servers
+    behind. Linux only (``PR_SET_PDEATHSIG``), and only when called from the main
+    thread: the kernel ties the signal to the thread that forked, and a worker
+    thread may end long before the test does. Elsewhere returns ``None``.
+    """
+    if not sys.platform.startswith("linux") or threading.current_thread() is not (
+        threading.main_thread()
+    ):
+        return None
+
+    def preexec() -> None:
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)  # 1 = PR_SET_PDEATHSIG
+
+    return preexec
 
 
 def free_port() -> int:
@@ -156,7 +180,7 @@ class RedisServer:
             return self
         self.process = subprocess.Popen(
             self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, start_new_session=True,
+            stderr=subprocess.PIPE, start_new_session=True, preexec_fn=die_with_parent(),
         )  # fmt: skip
         self.paused = False
         self.wait_ready(timeout)

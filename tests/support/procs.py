@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from coordinator.testing import die_with_parent
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -45,6 +47,8 @@ class Proc:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,
+            # SIGTERM, not SIGKILL: a uvicorn supervisor then stops its workers too.
+            preexec_fn=die_with_parent(signal.SIGTERM),
         )
         self.events: list[dict[str, Any]] = []
         self.stderr_lines: list[str] = []
