@@ -267,7 +267,7 @@ class Coordinator:
 
         @router.get("/api/jobs", tags=["jobs"])
         async def jobs() -> JSONResponse:
-            return JSONResponse({"jobs": await self.scheduler.list_jobs()}, headers=headers)
+            return JSONResponse(await self.scheduler.list_jobs(), headers=headers)
 
         @router.get("/api/jobs/runs", tags=["jobs"])
         async def runs(
@@ -278,7 +278,7 @@ class Coordinator:
             except (RedisError, OSError) as exc:
                 return JSONResponse({"detail": f"Redis unreachable: {type(exc).__name__}"},
                                     status_code=503, headers=headers)  # fmt: skip
-            return JSONResponse({"runs": items}, headers=headers)
+            return JSONResponse(items, headers=headers)
 
         return router
 
