@@ -35,6 +35,7 @@ from redis.exceptions import RedisError
 from . import cli_render as render
 from .connection import create_redis, redact_url
 from .errors import ConfigurationError, CoordinatorError
+from .logs import configure_logging
 from .scheduler import LeaderScheduler
 from .settings import CoordinatorSettings
 
@@ -120,9 +121,12 @@ def worker(
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
 ) -> None:
     """Run the scheduler's jobs on the elected leader, with no HTTP server."""
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    try:
+        configure_logging(CoordinatorSettings())  # COORDINATOR_LOG_FORMAT, secrets masked
+    except ConfigurationError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    logging.getLogger().setLevel(log_level.upper())
     if "" not in sys.path:
         sys.path.insert(0, "")  # resolve MODULE from the current directory, as uvicorn does
     try:
