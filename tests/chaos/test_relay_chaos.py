@@ -57,6 +57,19 @@ async def publish_many(pods: Pods, channel: str, first: int, n: int, concurrency
     await asyncio.gather(*(worker() for _ in range(concurrency)))
 
 
+async def fault_during_bursts(pods: Pods, channel: str, rounds: int, size: int, fault: str,
+                              inject: Any, lead_s: float, pace: float = 0.0) -> None:  # fmt: skip
+    """Each round: start a burst of ``size`` publishes, ``lead_s`` later run the blocking
+    ``inject()`` (recorded as a fault that does not displace the leader), finish the burst."""
+    for r in range(rounds):
+        burst = asyncio.ensure_future(publish_many(pods, channel, r * size, size, pace=pace))
+        await asyncio.sleep(lead_s)
+        start = time.monotonic()
+        await asyncio.to_thread(inject)
+        pods.faults.append(Fault(fault, start, time.monotonic(), displaces_leader=False))
+        await burst
+
+
 def kill_listeners(url: str) -> int:
     with redis_sync.Redis.from_url(url) as r:
         return int(r.client_kill_filter(_type="pubsub"))
@@ -165,14 +178,8 @@ async def test_redis_restart_with_data_loss_under_a_burst(redis_server: Any, nam
     pods = Pods(redis_server.port, namespace)
     await pods.wait_ready()
     await pods.open_clients("restart", 6)
-    for r in range(chaos_rounds):
-        burst = asyncio.ensure_future(publish_many(pods, "restart", r * 200, 200))
-        await asyncio.sleep(0.3)
-        start = time.monotonic()
-        await asyncio.to_thread(redis_server.restart)
-        pods.faults.append(Fault("redis-restart", start, time.monotonic(),
-                                 displaces_leader=False))  # fmt: skip
-        await burst
+    await fault_during_bursts(pods, "restart", chaos_rounds, 200, "redis-restart",
+                              redis_server.restart, lead_s=0.3)  # fmt: skip
     await finish(pods, "relay: restart with data loss", chaos_rounds, replay_ok=False)
 
 
@@ -186,14 +193,7 @@ async def test_burst_of_publishes_during_sentinel_failover(namespace: str,
                     env={"COORDINATOR_MIN_REPLICAS": "1"})  # fmt: skip
         await pods.wait_ready()
         await pods.open_clients("failover", 6)
-        for r in range(chaos_rounds):
-            burst = asyncio.ensure_future(publish_many(pods, "failover", r * 300, 300,
-                                                       pace=0.005))  # fmt: skip
-            await asyncio.sleep(0.2)
-            start = time.monotonic()
-            await asyncio.to_thread(sentinel.failover)
-            pods.faults.append(Fault("sentinel-failover", start, time.monotonic(),
-                                     displaces_leader=False))  # fmt: skip
-            await burst
+        await fault_during_bursts(pods, "failover", chaos_rounds, 300, "sentinel-failover",
+                                  sentinel.failover, lead_s=0.2, pace=0.005)  # fmt: skip
         await finish(pods, "relay: burst during Sentinel failover", chaos_rounds,
                      replay_ok=False)  # fmt: skip
