@@ -21,13 +21,12 @@ from typing import Any
 import httpx
 import pytest
 
-from .support.app_cluster import AppCluster
+from .support.app_cluster import HOST, AppCluster
 from .support.procs import ROOT
-from .support.sse_client import SSEClient, SSEMessage
+from .support.reconnecting_client import ReconnectingClient
 
 pytestmark = pytest.mark.slow
 
-HOST = "127.0.0.1"
 POD_ENV = {"DEMO_COLLECT_EVERY_S": "0.5", "DEMO_CLEANUP_EVERY_S": "3"}
 
 
@@ -45,42 +44,6 @@ class Pods:
 
     def live_ports(self) -> list[int]:
         return [p.port for p in self.pods.values() if p.proc.alive]
-
-
-class ReconnectingClient:
-    """An EventSource-like client: on any end it reconnects to a live pod with Last-Event-ID."""
-
-    def __init__(self, pods: Pods, path: str) -> None:
-        self.pods = pods
-        self.path = path
-        self.messages: list[SSEMessage] = []
-        self.last_id: str | None = None
-        self.connections = 0
-
-    async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            ports = self.pods.live_ports()
-            client = SSEClient(HOST, random.choice(ports), self.path, last_event_id=self.last_id,
-                               on_message=self._keep)  # fmt: skip
-            try:
-                await client.connect(timeout=5)
-            except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError):
-                await asyncio.sleep(0.05)
-                continue
-            if client.status != 200:
-                await client.close()
-                await asyncio.sleep(0.05)
-                continue
-            self.connections += 1
-            client.start()
-            while not client.ended and not stop.is_set():  # noqa: ASYNC110 - polls two flags
-                await asyncio.sleep(0.02)
-            await client.close()
-
-    def _keep(self, message: SSEMessage) -> None:
-        if message.event == "message":
-            self.messages.append(message)
-            self.last_id = message.id
 
 
 async def publisher(pods: Pods, stop: asyncio.Event, published: list[tuple[str, int]]) -> None:
@@ -120,13 +83,13 @@ async def test_rolling_update(redis_url: str) -> None:
         pods.start(name)
     await asyncio.gather(*(p.wait_ready() for p in pods.pods.values()))
 
-    stop, stop_clients = asyncio.Event(), asyncio.Event()
+    stop = asyncio.Event()
     published: list[tuple[str, int]] = []
     leaders: list[tuple[float, Any]] = []
-    clients = [ReconnectingClient(pods, "/api/channels/roll/events") for _ in range(6)]
-    client_tasks = [asyncio.create_task(c.run(stop_clients)) for c in clients]
-    await wait_until(lambda: all(c.connections for c in clients), 20, "clients connected")
-    await asyncio.sleep(0.2)  # their subscriptions are registered before the first publish
+    clients = [ReconnectingClient(f"client{i}", lambda: random.choice(pods.live_ports()),
+                                  "/api/channels/roll/events") for i in range(6)]  # fmt: skip
+    # start() returns once the stream's hello arrived: subscribed before the first publish.
+    await asyncio.gather(*(c.start() for c in clients))
     tasks = [asyncio.create_task(publisher(pods, stop, published)),
              asyncio.create_task(leader_watch(pods, stop, leaders))]  # fmt: skip
     handoffs: list[dict[str, Any]] = []
@@ -147,7 +110,7 @@ async def test_rolling_update(redis_url: str) -> None:
         await asyncio.gather(*tasks)
         ids = [event_id for event_id, _ in published]
         with contextlib.suppress(AssertionError):  # the check below says what is missing
-            await wait_until(lambda: all(len(c.messages) >= len(ids) for c in clients), 20,
+            await wait_until(lambda: all(len(c.messages()) >= len(ids) for c in clients), 20,
                              "every client to catch up")  # fmt: skip
         async with httpx.AsyncClient(timeout=5) as http:
             port = pods.live_ports()[0]
@@ -155,17 +118,18 @@ async def test_rolling_update(redis_url: str) -> None:
             runs = (await http.get(url)).json()
     finally:
         stop.set()
-        stop_clients.set()
-        await asyncio.gather(*tasks, *client_tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(c.stop() for c in clients))
         for pod in pods.pods.values():
             if pod.proc.alive:
                 pod.stop()
 
     # Every client received every event exactly once, in order, across reconnects.
     for client in clients:
-        got = [m.id for m in client.messages]
-        assert got == ids, (len(got), len(ids), client.connections)
-        assert client.connections >= 2  # each was cut at least once by the roll
+        got = client.messages()
+        assert got == ids, (len(got), len(ids), client.reconnects)
+        assert "reset" not in {kind for kind, _ in client.entries}  # nothing was lost
+        assert client.reconnects >= 1  # each was cut at least once by the roll
 
     # One leader at a time: tokens only go up, and each token belongs to one instance.
     owners: dict[int, str] = {}
@@ -193,7 +157,7 @@ async def test_rolling_update(redis_url: str) -> None:
         assert end <= start and t1 < t2, spans  # terms never interleave
 
     report = {"handoffs": handoffs, "events": len(ids), "fires": len(fires),
-              "reconnects": [c.connections - 1 for c in clients]}  # fmt: skip
+              "reconnects": [c.reconnects for c in clients]}  # fmt: skip
     out = ROOT / "test-output"
     out.mkdir(exist_ok=True)
     (out / "rolling-update.json").write_text(json.dumps(report, indent=2))

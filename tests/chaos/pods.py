@@ -15,14 +15,11 @@ import httpx
 from coordinator.faults import TcpProxy
 
 from ..support.app_cluster import HOST, AppCluster
-from ..support.sse_client import SSEClient, SSEMessage
+from ..support.reconnecting_client import ReconnectingClient
+from ..support.timing import FAST_ENV
 from .checker import ClientLog, Fault, History, ProcRecord
 
-POD_ENV = {
-    "COORDINATOR_LEASE_TTL_MS": "1500", "COORDINATOR_RENEW_INTERVAL_MS": "300",
-    "COORDINATOR_RENEW_DEADLINE_MS": "1000", "COORDINATOR_RETRY_PERIOD_MS": "300",
-    "COORDINATOR_BACKOFF_MAX_MS": "500", "DEMO_COLLECT_EVERY_S": "0.5",
-}  # fmt: skip
+POD_ENV = {**FAST_ENV, "DEMO_COLLECT_EVERY_S": "0.5"}
 
 
 class Pods:
@@ -121,71 +118,3 @@ class Pods:
                        readiness=self.readiness,
                        clients=[ClientLog(c.name, c.entries, replay_ok)
                                 for c in self.clients])  # fmt: skip
-
-
-class ReconnectingClient:
-    """An SSE client that reconnects (with its Last-Event-ID) whenever its stream ends,
-    as a browser's EventSource does, logging opens, messages, resets and ends."""
-
-    def __init__(self, name: str, port: int, path: str) -> None:
-        self.name, self.port, self.path = name, port, path
-        self.entries: list[tuple[str, str | None]] = []
-        self.last_id: str | None = None
-        self.reconnects = 0
-        self._client: SSEClient | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._opened = asyncio.Event()
-
-    def _on(self, message: SSEMessage) -> None:
-        if message.event == "message":
-            self.entries.append(("message", message.id))
-        elif message.event == "reset":
-            self.entries.append(("reset", None))
-
-    async def start(self) -> None:
-        self._task = asyncio.ensure_future(self._run())
-        await asyncio.wait_for(self._opened.wait(), 30)
-
-    async def _run(self) -> None:
-        while True:
-            # Before any event, resume from the start of the (fresh) channel, not its tip:
-            # events published while the first stream was down are still owed.
-            resume = self.last_id if self.reconnects == 0 or self.last_id else "0-0"
-            client = SSEClient(HOST, self.port, self.path, last_event_id=resume,
-                               on_message=self._on)  # fmt: skip
-            try:
-                await client.connect()
-            except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError):
-                await asyncio.sleep(0.1)
-                continue
-            if client.status != 200:
-                await asyncio.sleep(0.1)
-                continue
-            self.entries.append(("open", self.last_id))
-            self._client = client
-            client.start()
-            # The stream is live once its hello arrived (it opens every stream).
-            while not client.ended and not client.of("hello"):  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
-            self._opened.set()
-            while not client.ended:  # noqa: ASYNC110
-                await asyncio.sleep(0.02)
-            self.last_id = client.last_event_id or self.last_id
-            self.entries.append(("end", None))
-            self.reconnects += 1
-            await client.close()
-
-    def ids(self) -> set[str]:
-        return {v for k, v in self.entries if k == "message" and v}
-
-    def caught_up(self, want: set[str]) -> bool:
-        return want <= self.ids() or any(k == "reset" for k, _ in self.entries)
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._task
-        if self._client is not None:
-            await self._client.close()
-

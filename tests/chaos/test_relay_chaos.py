@@ -19,9 +19,10 @@ import redis as redis_sync
 
 from coordinator.faults import TcpProxy
 
+from ..support.reconnecting_client import ReconnectingClient
 from .checker import Fault, check, measure
 from .conftest import record
-from .pods import Pods, ReconnectingClient
+from .pods import Pods
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(600)]
 
