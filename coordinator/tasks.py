@@ -24,5 +24,6 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None, *, name: str = "") -> 
         task.cancel()
         await asyncio.wait({task}, timeout=0.1)
     if not task.cancelled() and task.exception() is not None:
-        logger.warning("background task %s ended with %r", name or task.get_name(),
-                       task.exception())  # fmt: skip
+        logger.warning(
+            "background task %s ended with %r", name or task.get_name(), task.exception()
+        )

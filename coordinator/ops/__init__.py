@@ -1,0 +1,1 @@
+"""Operating it: the ``coordinator`` CLI, status, tail, presence and logging."""

@@ -1,0 +1,485 @@
+"""EventRelay: publish events to every process, fan them out to local subscribers, replay.
+
+How an event travels:
+
+1. :meth:`EventRelay.publish` validates it and runs one Lua script: ``XADD``
+   to the channel's stream (``MAXLEN ~ relay_history``; the key expires
+   ``relay_stream_ttl_s`` after the last publish) and ``PUBLISH`` of an
+   envelope carrying the new stream id on the namespace's events channel.
+2. Every process holds exactly one Pub/Sub connection (the *listener*),
+   subscribed to that one channel. For each message it builds the SSE bytes
+   once and hands the same object to every local :class:`Subscription` of
+   the event's channel.
+3. A subscriber that passes ``last_event_id`` is registered first (live
+   frames are held aside), then reads the stream after that id, then goes
+   live; duplicates are dropped by id. No gap, no duplicate.
+
+Guarantees:
+
+- Per channel, a subscriber receives events in stream-id order, each once.
+- The listener is supervised: when its connection drops (Redis restart,
+  ``CLIENT KILL``, network) or stops answering PINGs for
+  ``2 * relay_keepalive_s``, it reconnects with capped exponential backoff and
+  full jitter, resubscribes, and backfills every local subscriber from the
+  streams after the last id it queued. Each recovery adds one to
+  ``EventRelay.stats.reconnects``; :attr:`EventRelay.ready` is false meanwhile.
+- A subscriber whose id is older than the retained history (or unknown to
+  this Redis) first receives an event ``reset``.
+- Internal consumers of other Pub/Sub channels (shared state) ride on the same
+  listener connection and its supervision (:meth:`EventRelay.watch`,
+  :mod:`coordinator.relay.watchers`).
+
+Limits:
+
+- Every process receives every channel's events of its namespace (one
+  Pub/Sub channel per namespace); events of channels with no local
+  subscriber are dropped after reading the envelope header. Use separate
+  namespaces for unrelated high-volume traffic.
+- History is what the stream retains: about ``relay_history`` events per
+  channel, and nothing of what a Redis restart without persistence lost.
+  Events published while the stream key did not exist and then lost cannot be
+  detected, so no ``reset`` is sent for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.asyncio.retry import Retry
+from redis.backoff import FullJitterBackoff, NoBackoff
+
+from coordinator.errors import REDIS_UNREACHABLE, InvalidEventError, RedisUnavailableError
+from coordinator.relay.events import (
+    EventId,
+    check_channel,
+    decode_envelope,
+    parse_event_id,
+    reset_frame,
+    sse_frame,
+    validate_event,
+)
+from coordinator.relay.history import ReplayResult, read_history
+from coordinator.relay.stats import RelayStats
+from coordinator.relay.subscription import Subscription
+from coordinator.relay.watchers import ChannelWatcher
+from coordinator.settings import CoordinatorSettings
+from coordinator.store.codec import text
+from coordinator.store.connection import create_redis
+from coordinator.store.keys import Keys
+from coordinator.store.scripts import PUBLISH
+from coordinator.tasks import cancel_and_wait
+
+logger = logging.getLogger("coordinator.relay")
+
+_YIELD_EVERY = 16  # messages handled before giving consumers a turn on the loop
+
+
+class EventRelay:
+    """Cross-process events with local fan-out and replay, over one Redis.
+
+    Args:
+        settings: namespace, Redis URL and the ``relay_*`` limits.
+        redis: the client for publishing and replay reads. A client passed in
+            is not closed by the relay; when omitted, one is created from
+            ``settings.redis_url`` and closed by :meth:`stop`. The Pub/Sub
+            listener always uses its own connection (from ``settings.redis_url``),
+            with redis-py's silent retries turned off so every drop is seen,
+            counted and backfilled.
+
+    Lifecycle: ``await relay.start()`` launches the listener (it does not
+    wait for Redis; see :meth:`wait_ready`); ``await relay.stop()`` ends every
+    subscription (their streams finish) and closes connections. ``publish``
+    works without ``start``.
+
+    Counters, for metrics: :attr:`stats` (a :class:`RelayStats`).
+    """
+
+    def __init__(self, settings: CoordinatorSettings, redis: Redis | None = None) -> None:
+        self.settings = settings
+        self.keys = Keys(settings.namespace)
+        self._redis = redis if redis is not None else create_redis(settings.redis_url)
+        self._owns_redis = redis is None
+        self._listen_redis: Redis | None = None
+        self._subs: dict[str, set[Subscription]] = {}
+        self._watchers: dict[bytes, ChannelWatcher] = {}
+        self._snapshots: dict[str, asyncio.Future[ReplayResult]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+        self._epoch = 0
+        self._state = "not started"
+        self._stopping = False
+        self.stats = RelayStats()
+        """What this relay counted since it was made (for metrics)."""
+
+    @property
+    def redis(self) -> Redis:
+        """The client this relay publishes and replays with (not its listener's)."""
+        return self._redis
+
+    # -- publishing ---------------------------------------------------------------
+    async def publish(self, channel: str, data: Any, event: str = "message") -> str:
+        """Append an event to ``channel`` and broadcast it; returns its id (``"ms-seq"``).
+
+        Raises:
+            InvalidEventError: bad channel or event name, data not JSON-serialisable.
+            EventTooLargeError: over ``relay_max_event_bytes``.
+            RedisUnavailableError: Redis could not be reached; nothing was published.
+        """
+        encoded = validate_event(channel, data, event, self.settings.relay_max_event_bytes)
+        keys = [self.keys.stream(channel)]
+        args: list[str | int] = [
+            self.keys.events(),
+            channel,
+            event,
+            encoded.data_json,
+            self.settings.relay_history,
+            self.settings.relay_stream_ttl_s,
+        ]
+        replicas = self.settings.min_replicas
+        try:
+            if replicas:
+                raw, confirmed = await PUBLISH.call_replicated(
+                    self._redis, keys, args, replicas, self.settings.replica_timeout_ms
+                )
+            else:
+                raw, confirmed = await PUBLISH(self._redis, keys, args), 0
+        except REDIS_UNREACHABLE as exc:
+            raise RedisUnavailableError(f"could not publish to {channel!r}: {exc}") from exc
+        if confirmed < replicas:
+            # Live subscribers of this primary may have it; a failover may lose it. The
+            # caller retries (at least once), rather than trust an ack a failover can undo.
+            raise RedisUnavailableError(
+                f"publish to {channel!r} reached the primary but {confirmed} of {replicas} "
+                "replicas confirmed it (COORDINATOR_MIN_REPLICAS); retry"
+            )
+        self.stats.events_published += 1
+        return text(raw)
+
+    # -- subscribing --------------------------------------------------------------
+    async def subscribe(
+        self, channel: str, last_event_id: str | EventId | None = None
+    ) -> Subscription:
+        """A live subscription to ``channel``, after replaying from ``last_event_id``.
+
+        Without ``last_event_id`` the subscription starts with the next event.
+        With it, it first yields every retained event after that id (preceded
+        by a ``reset`` event when some were trimmed, or the id is unknown),
+        then live ones, with no gap and no duplicate.
+
+        Raises:
+            InvalidEventError: ``channel`` breaks the channel name rule.
+            InvalidEventIdError: ``last_event_id`` is not ``"<ms>-<seq>"``.
+            RedisUnavailableError: the listener is not subscribed within
+                ``relay_subscribe_timeout_s``, or the replay read failed.
+        """
+        check_channel(channel)
+        after = parse_event_id(last_event_id) if isinstance(last_event_id, str) else last_event_id
+        timeout = self.settings.relay_subscribe_timeout_s
+        await self.wait_ready(timeout)
+        sub = Subscription(
+            channel, self.settings.relay_client_queue, stats=self.stats, on_discard=self._discard
+        )
+        sub.last_id = after
+        self._subs.setdefault(channel, set()).add(sub)
+        try:
+            while True:
+                epoch = self._epoch
+                await self._replay(sub, snapshot=sub.last_id is None)
+                if self._epoch == epoch and self._ready.is_set():
+                    break
+                await self.wait_ready(timeout)  # the listener dropped meanwhile: read again
+            sub.go_live()
+        except BaseException:
+            sub.close("closed")
+            raise
+        return sub
+
+    async def _replay(self, sub: Subscription, snapshot: bool) -> None:
+        """Read the stream after ``sub``'s cursor into it (``snapshot``: only learn the tip)."""
+        after = sub.cursor
+        while True:
+            if snapshot:
+                result = await self._snapshot(sub.channel)
+                sub.last_id = result.last_generated or EventId(0, 0)
+                return
+            result = await self._read(sub.channel, after, None)
+            assert after is not None
+            reason = result.lost_after(after)
+            reset = reset_frame(after, reason) if reason else None
+            if reason == "unknown-id" and result.last_generated is not None:
+                sub.last_id = after = result.last_generated
+            sub.add_replayed(result.entries, reset)
+            if len(result.entries) < self._page:
+                return
+            after = result.entries[-1][0]
+
+    async def _snapshot(self, channel: str) -> ReplayResult:
+        """The channel's tip; concurrent new subscribers of a channel share one read
+        (a connection storm costs one Redis command per channel, not one per client)."""
+        pending = self._snapshots.get(channel)
+        if pending is None:
+            pending = asyncio.ensure_future(self._read(channel, None, 0))
+            self._snapshots[channel] = pending
+            pending.add_done_callback(lambda _: self._snapshots.pop(channel, None))
+        return await asyncio.shield(pending)
+
+    @property
+    def _page(self) -> int:
+        return self.settings.relay_history + 1000
+
+    async def _read(self, channel: str, after: EventId | None, count: int | None) -> ReplayResult:
+        return await read_history(
+            self._redis,
+            self.keys.stream(channel),
+            channel,
+            after,
+            self._page if count is None else count,
+        )
+
+    def _discard(self, sub: Subscription) -> None:
+        subs = self._subs.get(sub.channel)
+        if subs is not None:
+            subs.discard(sub)
+            if not subs:
+                del self._subs[sub.channel]
+
+    def watch(self, channel: str, watcher: ChannelWatcher) -> None:
+        """Also listen to the Pub/Sub ``channel`` (a full Redis channel name) on this
+        relay's listener, for ``watcher`` (see :mod:`coordinator.relay.watchers`).
+
+        Raises:
+            RuntimeError: the listener is already running (watch before :meth:`start`),
+                or the channel is already watched.
+        """
+        if self._task is not None:
+            raise RuntimeError("EventRelay.watch() must be called before start()")
+        name = channel.encode("utf-8")
+        if name in self._watchers or channel == self.keys.events():
+            raise RuntimeError(f"channel {channel!r} is already watched")
+        self._watchers[name] = watcher
+
+    # -- state ----------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        """True while the listener is subscribed (live events are flowing)."""
+        return self._ready.is_set()
+
+    @property
+    def status(self) -> str:
+        """``"subscribed"``, or why not: ``"not started"``, ``"connecting"``, ``"down: ..."``."""
+        return self._state
+
+    def channel_subscribers(self) -> dict[str, int]:
+        """Local subscriptions open now, by channel."""
+        return {channel: len(subs) for channel, subs in self._subs.items()}
+
+    @property
+    def subscribers(self) -> int:
+        """Local subscriptions open now."""
+        return sum(len(s) for s in self._subs.values())
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Wait until :attr:`ready`; raise ``RedisUnavailableError`` after ``timeout`` s."""
+        if self._ready.is_set():
+            return
+        if self._task is None or self._stopping:
+            raise RedisUnavailableError(f"event relay is not running ({self._state})")
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        except TimeoutError:
+            raise RedisUnavailableError(
+                f"event relay is not subscribed to Redis ({self._state}); retry shortly"
+            ) from None
+
+    # -- lifecycle ------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start the supervised listener; returns at once (see :meth:`wait_ready`)."""
+        if self._task is not None:
+            return
+        self._stopping = False
+        self._state = "connecting"
+        self._listen_redis = create_redis(
+            self.settings.redis_url,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=0,
+            client_name=f"coordinator-relay:{self.settings.instance_id}"[:120].replace(" ", "_"),
+        )
+        self._task = asyncio.create_task(self._supervise(), name="coordinator-relay-listener")
+
+    async def stop(self) -> None:
+        """End every subscription (streams finish), stop the listener, close connections."""
+        self._stopping = True
+        self._ready.clear()
+        for subs in list(self._subs.values()):
+            for sub in list(subs):
+                sub.close("shutdown")
+        await cancel_and_wait(self._task)
+        self._task = None
+        if self._listen_redis is not None:
+            await self._listen_redis.aclose()
+            self._listen_redis = None
+        if self._owns_redis:
+            await self._redis.aclose()
+        self._state = "stopped"
+
+    # -- the listener ---------------------------------------------------------------
+    async def _supervise(self) -> None:
+        failures = 0
+        backoff = FullJitterBackoff(cap=self.settings.backoff_max_ms / 1000, base=0.05)
+        while not self._stopping:
+            epoch = self._epoch
+            try:
+                await self._listen(reconnecting=epoch > 0)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._state = f"down: {type(exc).__name__}: {exc}"
+                failures = 1 if self._epoch != epoch else failures + 1  # was it up meanwhile?
+                delay = backoff.compute(min(failures, 16))
+                logger.warning(
+                    "relay listener of %s lost Redis (%s); reconnecting in %.2fs (failure %d)",
+                    self.settings.instance_id,
+                    exc,
+                    delay,
+                    failures,
+                )
+                await asyncio.sleep(delay)
+
+    async def _listen(self, reconnecting: bool) -> None:
+        assert self._listen_redis is not None
+        for subs in self._subs.values():
+            for sub in subs:
+                sub.suspend()  # hold live frames until the backfill below has run
+        pubsub = self._listen_redis.pubsub()
+        backfill: asyncio.Task[None] | None = None
+        loop = asyncio.get_running_loop()
+        keepalive = self.settings.relay_keepalive_s
+        lost = "relay stopped"
+        try:
+            await pubsub.subscribe(self.keys.events(), *self._watchers)
+            await self._confirm(pubsub, timeout=max(5.0, keepalive), count=1 + len(self._watchers))
+            self._epoch += 1
+            self._notify_watchers("subscribed")
+            if reconnecting:
+                self.stats.reconnects += 1
+                logger.warning(
+                    "relay listener of %s resubscribed (reconnect %d)",
+                    self.settings.instance_id,
+                    self.stats.reconnects,
+                )
+            backfill = asyncio.create_task(self._backfill())
+            self._state = "subscribed"
+            self._ready.set()
+            last_rx = last_ping = loop.time()
+            handled = 0
+            while True:
+                message = await pubsub.get_message(timeout=min(1.0, keepalive))
+                now = loop.time()
+                if message is not None:
+                    last_rx = now
+                    if message.get("type") == "message":
+                        self._route(message)
+                        handled += 1
+                        if handled % _YIELD_EVERY == 0:
+                            await asyncio.sleep(0)
+                if backfill is not None and backfill.done():
+                    backfill.result()  # a failed backfill: reconnect and try again
+                    backfill = None
+                if now - last_rx > 2 * keepalive:
+                    raise ConnectionError(f"no reply from Redis for {now - last_rx:.1f}s")
+                if now - last_ping >= keepalive:
+                    last_ping = now
+                    await pubsub.ping()
+        except Exception as exc:
+            lost = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            self._ready.clear()
+            self._notify_watchers("lost", lost)
+            await cancel_and_wait(backfill, name="relay-backfill")
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(pubsub.aclose(), 2)  # type: ignore[no-untyped-call]
+
+    async def _confirm(self, pubsub: PubSub, timeout: float, count: int) -> None:
+        """Wait for ``count`` subscribe confirmations (one per channel)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            message = await pubsub.get_message(timeout=max(0.01, deadline - loop.time()))
+            if message is not None and message.get("type") == "subscribe":
+                count -= 1
+                if count <= 0:
+                    return
+            if message is not None and message.get("type") == "message":
+                self._route(message)
+        raise ConnectionError(f"SUBSCRIBE not confirmed within {timeout}s")
+
+    def _route(self, message: dict[str, Any]) -> None:
+        watcher = self._watchers.get(message["channel"]) if self._watchers else None
+        if watcher is None:
+            self._dispatch(message["data"])
+            return
+        try:
+            watcher.message(message["data"])
+        except Exception:
+            logger.exception("relay watcher of %r failed on a message", message["channel"])
+
+    def _notify_watchers(self, what: str, reason: str = "") -> None:
+        for channel, watcher in self._watchers.items():
+            try:
+                if what == "subscribed":
+                    watcher.subscribed()
+                else:
+                    watcher.lost(reason)
+            except Exception:
+                logger.exception("relay watcher of %r failed on %s", channel, what)
+
+    async def _backfill(self) -> None:
+        """After (re)subscribing: read each channel's stream after its subscribers' ids."""
+        for channel, subs in list(self._subs.items()):
+            waiting = [s for s in subs if s.backfilling and s.closed is None]
+            if not waiting:
+                continue
+            known = [s.last_id for s in waiting if s.last_id is not None]
+            after = min(known) if known else EventId(0, 0)
+            entries: list[tuple[EventId, bytes]] = []
+            result = await self._read(channel, after, None)
+            entries.extend(result.entries)
+            while len(result.entries) >= self._page:
+                result = await self._read(channel, result.entries[-1][0], None)
+                entries.extend(result.entries)
+            for sub in waiting:
+                if not sub.backfilling or sub.closed is not None:
+                    continue
+                floor = sub.last_id or EventId(0, 0)
+                reason = result.lost_after(floor) if sub.last_id is not None else None
+                reason = None if reason == "unknown-id" else reason
+                sub.add_replayed(
+                    [e for e in entries if e[0] > floor],
+                    reset_frame(sub.last_id, reason) if reason else None,
+                )
+                self.stats.backfilled_events += sub.go_live()
+
+    def _dispatch(self, message: bytes) -> None:
+        self.stats.events_received += 1
+        channel_end = message.find(b"\n", 2)
+        if channel_end < 0:
+            return
+        subs = self._subs.get(message[2:channel_end].decode("utf-8", "replace"))
+        if not subs:
+            return
+        try:
+            envelope = decode_envelope(message)
+        except InvalidEventError:
+            logger.warning("relay dropped a malformed envelope: %r", message[:80])
+            return
+        frame = sse_frame(envelope.raw_id, envelope.event, envelope.data)
+        self.stats.delivery_lags.append(time.time() - envelope.id.ms / 1000)
+        for sub in list(subs):
+            sub.push(envelope.id, frame)

@@ -1,0 +1,1 @@
+"""Redis: the connection factory (URL -> client), key names and Lua scripts."""

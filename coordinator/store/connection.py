@@ -1,0 +1,215 @@
+"""Building the async Redis client from a URL, with one retry policy.
+
+Supported URLs:
+
+- ``redis://[[user]:password@]host[:port][/db]``
+- ``rediss://...`` (TLS; ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``,
+  ``ssl_cert_reqs`` and ``ssl_check_hostname`` may be given as query parameters:
+  ``rediss://h:6380/0?ssl_ca_certs=/etc/redis/ca.crt&ssl_certfile=...&ssl_keyfile=...``;
+  they are file paths, never secrets themselves)
+- ``unix:///path/to/redis.sock[?db=0]``
+- ``redis+sentinel://[[user]:password@]host1:port1[,host2:port2...]/service[/db]``:
+  the client asks the Sentinels for the current primary of ``service`` and
+  follows failovers (redis-py's ``SentinelConnectionPool``). ``rediss+sentinel://``
+  speaks TLS to the Sentinels and the servers, with the same ``ssl_*`` query
+  parameters; ``sentinel_password`` authenticates to the Sentinels.
+
+The client returned owns its connection pool; close it with ``await client.aclose()``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import (
+    Sentinel,
+    SentinelManagedConnection,
+    SentinelManagedSSLConnection,
+)
+from redis.backoff import ExponentialWithJitterBackoff
+
+from coordinator.errors import ConfigurationError
+
+_TLS_OPTIONS = (
+    "ssl_ca_certs",
+    "ssl_certfile",
+    "ssl_keyfile",
+    "ssl_cert_reqs",
+    "ssl_check_hostname",
+)
+_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel")
+
+
+def default_retry() -> Retry:
+    """A few quick retries with jittered exponential backoff for transient errors.
+
+    Coordinator's own loops add their own, longer backoff on top; this only
+    smooths over a single dropped connection.
+    """
+    return Retry(ExponentialWithJitterBackoff(cap=0.25, base=0.01), retries=2)
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ``***``, safe to log."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def check_redis_url(url: str) -> str:
+    """Return ``url`` if :func:`create_redis` can use it, else raise ``ConfigurationError``.
+
+    Checks the scheme, the ports, and that the database is a number: the path of
+    ``redis://host:6379/0``, the ``?db=`` of ``unix:///path.sock?db=0``, the part
+    after the service of ``redis+sentinel://host:26379/mymaster/0``. Messages show
+    the URL with its password masked.
+    """
+    shown = redact_url(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        raise ConfigurationError(f"Redis URL {shown!r} is malformed: {exc}") from None
+    if parts.scheme not in _SCHEMES:
+        raise ConfigurationError(
+            f"Redis URL {shown!r} has scheme {parts.scheme!r}; use one of "
+            + ", ".join(f"{s}://" for s in _SCHEMES)
+        )
+    query = parse_qs(parts.query)
+    if parts.scheme.endswith("+sentinel"):
+        _sentinel_parts(url)
+        return url
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ConfigurationError(
+                f"Redis URL {shown!r} names no socket; use unix:///path/to/redis.sock?db=0"
+            )
+        for db in query.get("db", []):
+            if not db.isdigit():
+                raise ConfigurationError(
+                    f"Redis URL {shown!r}: database db={db!r} is not a number; "
+                    "use unix:///path/to/redis.sock?db=0"
+                )
+        return url
+    try:
+        _ = parts.port  # urlsplit checks the port only when it is read
+    except ValueError:
+        port = parts.netloc.rsplit("@", 1)[-1].rpartition(":")[2]
+        raise ConfigurationError(
+            f"Redis URL {shown!r}: port {port!r} is not a number; use {parts.scheme}://host:6379/0"
+        ) from None
+    db_path = parts.path.strip("/")
+    for db in ([db_path] if db_path else []) + query.get("db", []):
+        if not db.isdigit():
+            raise ConfigurationError(
+                f"Redis URL {shown!r}: database {db!r} is not a number; end the URL with "
+                f"the database number, as in {parts.scheme}://host:6379/0"
+            )
+    return url
+
+
+def create_redis(url: str, **overrides: Any) -> Redis:
+    """Build a ``redis.asyncio.Redis`` for ``url``.
+
+    ``overrides`` are passed to redis-py (``decode_responses``, ``socket_timeout``,
+    ``client_name``, ...).
+
+    Raises:
+        ConfigurationError: the URL's scheme is not one of ``redis``, ``rediss``,
+            ``unix``, ``redis+sentinel``, or the URL is malformed.
+    """
+    parts = urlsplit(check_redis_url(url))
+    options: dict[str, Any] = {
+        "retry": default_retry(),
+        "socket_connect_timeout": 5,
+        "socket_keepalive": True,
+        "health_check_interval": 10,
+    }
+    if parts.scheme == "unix":
+        del options["socket_keepalive"]  # TCP only: redis-py's unix connection rejects it
+    options.update(overrides)
+    if parts.scheme.endswith("+sentinel"):
+        return _sentinel_client(url, options)
+    try:
+        return Redis.from_url(url, **options)
+    except ValueError as exc:
+        raise ConfigurationError(f"Redis URL {redact_url(url)!r} is invalid: {exc}") from None
+
+
+class _SentinelConnection(SentinelManagedConnection):
+    """Asks the Sentinels for the primary on every reconnect.
+
+    redis-py 8 reconnects a dropped connection inside ``send_packed_command``
+    without going through ``SentinelManagedConnection.connect``, so a
+    dedicated connection (``Redis.client()``, as the elector's lease
+    connection) would reconnect to the demoted primary forever after a
+    failover, every write refused with READONLY.
+    """
+
+    async def connect_check_health(
+        self, check_health: bool = True, retry_socket_connect: bool = True
+    ) -> None:
+        if not self.is_connected and self.connection_pool.is_master:
+            self.host, self.port = await self.connection_pool.get_master_address()
+        await super().connect_check_health(check_health, retry_socket_connect)
+
+
+class _SentinelSSLConnection(_SentinelConnection, SentinelManagedSSLConnection):
+    pass
+
+
+def _sentinel_parts(url: str) -> tuple[list[tuple[str, int]], str, int]:
+    """The Sentinels' addresses, the service name and the database of a Sentinel URL."""
+    parts = urlsplit(url)
+    shown = redact_url(url)
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    hosts: list[tuple[str, int]] = []
+    for item in netloc.split(","):
+        host, _, port = item.rpartition(":") if ":" in item else (item, "", "26379")
+        if not port.isdigit():
+            raise ConfigurationError(f"Sentinel address {item!r} in {shown!r} needs host:port")
+        hosts.append((host or "localhost", int(port)))
+    path = [p for p in parts.path.split("/") if p]
+    if not path:
+        raise ConfigurationError(
+            f"Sentinel URL {shown!r} must name the service: "
+            "redis+sentinel://host:26379/mymaster[/db]"
+        )
+    if len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
+        raise ConfigurationError(
+            f"Sentinel URL {shown!r}: database {'/'.join(path[1:])!r} is not a number; "
+            "use redis+sentinel://host:26379/mymaster/0"
+        )
+    return hosts, path[0], int(path[1]) if len(path) > 1 else 0
+
+
+def _sentinel_client(url: str, options: dict[str, Any]) -> Redis:
+    parts = urlsplit(url)
+    hosts, service, db = _sentinel_parts(url)
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    sentinel_kwargs: dict[str, Any] = {"socket_connect_timeout": 2}
+    if parts.scheme.startswith("rediss"):
+        options["ssl"] = True
+        tls: dict[str, Any] = {k: v for k, v in query.items() if k in _TLS_OPTIONS}
+        if "ssl_check_hostname" in tls:
+            tls["ssl_check_hostname"] = tls["ssl_check_hostname"].lower() in ("1", "true", "yes")
+        options.update(tls)  # the primary's and replicas' connections...
+        sentinel_kwargs.update(ssl=True, **tls)  # ...and the Sentinels' (TLS too)
+    if parts.password is not None:
+        options["password"] = unquote(parts.password)
+    if parts.username:
+        options["username"] = unquote(parts.username)
+    if "sentinel_password" in query:
+        sentinel_kwargs["password"] = query["sentinel_password"]
+    sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_kwargs, db=db, **options)  # type: ignore[no-untyped-call]
+    connection_class = _SentinelSSLConnection if options.get("ssl") else _SentinelConnection
+    client: Redis = sentinel.master_for(service, connection_class=connection_class)
+    return client

@@ -1,0 +1,51 @@
+-- Change one runtime job, or ask for a run now, and announce it to the leader, atomically.
+-- Any process calls it (the api role too); the leader applies the change on the notice.
+-- KEYS[1] runtime jobs hash (id -> definition JSON), KEYS[2] paused set,
+-- KEYS[3] run requests hash (request id -> JSON)
+-- ARGV[1] op: add | replace | remove | pause | resume | run
+-- ARGV[2] job id, ARGV[3] definition JSON (add, replace) or request JSON (run),
+-- ARGV[4] notice channel, ARGV[5] '1' when the caller declares the id in code,
+-- ARGV[6] request id (run), ARGV[7] most runtime jobs allowed (add, replace)
+-- Returns {1} done; {0} no such job; {-1} the id is taken (add); {-2} the runtime job
+-- limit is reached (add, replace of a new id).
+-- Notices: 'job:<id>' for a change, 'run:<request id>' for a run request.
+local op = ARGV[1]
+local id = ARGV[2]
+local known = redis.call('HEXISTS', KEYS[1], id) == 1
+if op == 'add' or op == 'replace' then
+  if known and op == 'add' then
+    return {-1}
+  end
+  if not known and redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[7]) then
+    return {-2}
+  end
+  redis.call('HSET', KEYS[1], id, ARGV[3])
+  redis.call('SREM', KEYS[2], id)
+  redis.call('PUBLISH', ARGV[4], 'job:' .. id)
+  return {1}
+end
+if op == 'remove' then
+  if not known then
+    return {0}
+  end
+  redis.call('HDEL', KEYS[1], id)
+  redis.call('SREM', KEYS[2], id)
+  redis.call('PUBLISH', ARGV[4], 'job:' .. id)
+  return {1}
+end
+if not known and ARGV[5] ~= '1' then
+  return {0}
+end
+if op == 'pause' then
+  redis.call('SADD', KEYS[2], id)
+elseif op == 'resume' then
+  redis.call('SREM', KEYS[2], id)
+elseif op == 'run' then
+  redis.call('HSET', KEYS[3], ARGV[6], ARGV[3])
+  redis.call('PUBLISH', ARGV[4], 'run:' .. ARGV[6])
+  return {1}
+else
+  return redis.error_reply('unknown op ' .. op)
+end
+redis.call('PUBLISH', ARGV[4], 'job:' .. id)
+return {1}
