@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1
-# The image that compose.yaml and k8s/ run: the coordinator package and the
-# demo service (app.main:app) under uvicorn. Build: docker build -t coordinator-demo .
+# The image that compose.yaml and k8s/ run: the fastapi-coordinator package
+# (installed from this checkout) and the demo service (app/, copied beside it:
+# the demo is not part of the package) under uvicorn. Build: docker build -t coordinator-demo .
 
 # Build stage: install the package into a virtualenv that the runtime stage copies.
 FROM python:3.11.13-slim-bookworm AS build
@@ -10,7 +11,6 @@ RUN python -m venv /opt/venv
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY coordinator ./coordinator
-COPY app ./app
 RUN /opt/venv/bin/pip install .
 
 FROM python:3.11.13-slim-bookworm
@@ -24,6 +24,7 @@ RUN groupadd --system --gid 10001 app \
       --home-dir /nonexistent --shell /usr/sbin/nologin app
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /srv
+COPY app ./app
 USER 10001:10001
 EXPOSE 8000
 # uvicorn's supervisor passes SIGTERM to its workers; each one releases the

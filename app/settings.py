@@ -17,7 +17,7 @@ class DemoSettings(BaseSettings):
     cleanup_every_s: float = Field(default=60.0, gt=0, description="Cleanup period.")
     fail_fast: bool = Field(default=False, description="Exit at startup if Redis is down.")
     startup_timeout_s: float = Field(default=10.0, gt=0, description="How long fail_fast waits.")
-    # Channel authorization (coordinator.authz.bearer_token_policy); off unless set.
+    # Channel authorization (coordinator.web.authz.bearer_token_policy); off unless set.
     publish_token: SecretStr | None = Field(default=None, description="Bearer token to publish.")
     subscribe_token: SecretStr | None = Field(
         default=None, description="Bearer token (or ?access_token=) to subscribe."
