@@ -23,18 +23,33 @@ DEMO_ENV = {
     "DEMO_REPORT_CRON_SECOND": "*/3",
     "COORDINATOR_RELAY_MAX_EVENT_BYTES": "2048",
 }
-LEADER_FIELDS = {"instance_id", "hostname", "pid", "fencing_token", "acquired_at", "renewed_at",
-                 "ttl_ms"}  # fmt: skip
-RUN_FIELDS = {"job_id", "scheduled_at", "started_at", "finished_at", "instance_id",
-              "fencing_token", "status"}  # fmt: skip
+LEADER_FIELDS = {
+    "instance_id",
+    "hostname",
+    "pid",
+    "fencing_token",
+    "acquired_at",
+    "renewed_at",
+    "ttl_ms",
+}
+RUN_FIELDS = {
+    "job_id",
+    "scheduled_at",
+    "started_at",
+    "finished_at",
+    "instance_id",
+    "fencing_token",
+    "status",
+}
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def demo(redis_url: str) -> AsyncIterator[AppCluster]:
     import uuid
 
-    cluster = AppCluster(redis_url, f"demo{uuid.uuid4().hex[:8]}", workers=4, env=DEMO_ENV,
-                         app="app.main:app")  # fmt: skip
+    cluster = AppCluster(
+        redis_url, f"demo{uuid.uuid4().hex[:8]}", workers=4, env=DEMO_ENV, app="app.main:app"
+    )
     async with cluster.running():
         yield cluster
 
@@ -111,8 +126,9 @@ async def test_publish_and_stream(demo: AppCluster) -> None:
     assert client.headers["x-coordinator-instance"]
     client.start()
     async with httpx.AsyncClient(base_url=demo.base) as http:
-        response = await http.post("/api/channels/contract/events",
-                                   json={"event": "message", "data": {"n": 1}})  # fmt: skip
+        response = await http.post(
+            "/api/channels/contract/events", json={"event": "message", "data": {"n": 1}}
+        )
         assert response.status_code == 202, response.text
         event_id = response.json()["id"]
         assert re.fullmatch(r"\d+-\d+", event_id)
@@ -138,8 +154,7 @@ async def test_publish_and_stream(demo: AppCluster) -> None:
 )
 async def test_publish_bad_input(demo: AppCluster, path: str, body: bytes, status: int) -> None:
     async with httpx.AsyncClient(base_url=demo.base) as http:
-        response = await http.post(path, content=body,
-                                   headers={"content-type": "application/json"})  # fmt: skip
+        response = await http.post(path, content=body, headers={"content-type": "application/json"})
     assert response.status_code == status, response.text
     assert "detail" in response.json()
 
@@ -160,8 +175,11 @@ async def test_dashboard_page(demo: AppCluster) -> None:
 
 def metric(text: str, name: str, labels: str = "") -> float:
     """The value of one aggregated series (0 when absent)."""
-    pattern = rf"^{re.escape(name)}(?:\{{{labels}[^}}]*\}})? (\S+)$" if labels else (
-        rf"^{re.escape(name)}(?:\{{[^}}]*\}})? (\S+)$")  # fmt: skip
+    pattern = (
+        rf"^{re.escape(name)}(?:\{{{labels}[^}}]*\}})? (\S+)$"
+        if labels
+        else (rf"^{re.escape(name)}(?:\{{[^}}]*\}})? (\S+)$")
+    )
     return sum(float(v) for v in re.findall(pattern, text, re.M))
 
 
@@ -185,12 +203,14 @@ async def test_metrics_aggregate_all_workers(demo: AppCluster) -> None:
     deadline = time.monotonic() + 20
     while True:
         text = (await demo.get("/metrics")).text
-        if (metric(text, "coordinator_sse_channel_clients", 'channel="metered"') == 8
-                and metric(text, "coordinator_relay_events_delivered_total") >= 24
-                and metric(text, "coordinator_relay_delivery_lag_seconds_count") >= 9
-                and metric(text, "coordinator_job_duration_seconds_count",
-                           'job_id="collect-metrics"') > 0
-                and metric(text, "coordinator_renew_latency_seconds_count") > 0):  # fmt: skip
+        if (
+            metric(text, "coordinator_sse_channel_clients", 'channel="metered"') == 8
+            and metric(text, "coordinator_relay_events_delivered_total") >= 24
+            and metric(text, "coordinator_relay_delivery_lag_seconds_count") >= 9
+            and metric(text, "coordinator_job_duration_seconds_count", 'job_id="collect-metrics"')
+            > 0
+            and metric(text, "coordinator_renew_latency_seconds_count") > 0
+        ):
             break
         assert time.monotonic() < deadline, text[-4000:]
         await asyncio.sleep(0.2)

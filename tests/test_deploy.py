@@ -29,6 +29,8 @@ kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
 from coordinator.settings import CoordinatorSettings  # noqa: E402
 
+from .support.dockerfile import Image, instructions, listen_port  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
 KUBECTL = shutil.which("kubectl")
@@ -38,6 +40,18 @@ needs_kubectl = pytest.mark.skipif(
 
 # Kubernetes versions to validate against: an old supported one and the newest shipped.
 K8S_VERSIONS = ("1.28.0", kubernetes_validate.latest_version())
+
+# Maps whose keys are free (any label, any ConfigMap key): the only places where the
+# strict schemas accept a field they do not know.
+FREE_FORM_MAPS = {
+    "labels",
+    "annotations",
+    "data",
+    "stringData",
+    "matchLabels",
+    "requests",
+    "limits",
+}
 
 APP_LABELS = {"app.kubernetes.io/name": "coordinator-demo"}
 REDIS_LABELS = {"app.kubernetes.io/name": "redis"}
@@ -56,9 +70,8 @@ def _kustomize(path: Path) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(done.stdout) if d]
 
 
-def _base_files() -> list[dict[str, Any]]:
+def _base_files(base: Path = K8S / "base") -> list[dict[str, Any]]:
     """The base's objects as written, for machines without kubectl."""
-    base = K8S / "base"
     kustomization = yaml.safe_load((base / "kustomization.yaml").read_text())
     objects = []
     for name in kustomization["resources"]:
@@ -153,8 +166,14 @@ def test_every_object_validates_against_the_kubernetes_schema(
         kubernetes_validate.validate(obj, version, strict=True)
         kinds.add(obj["kind"])
     assert kinds >= {
-        "Deployment", "Service", "Ingress", "PodDisruptionBudget", "HorizontalPodAutoscaler",
-        "ConfigMap", "Secret", "NetworkPolicy",
+        "Deployment",
+        "Service",
+        "Ingress",
+        "PodDisruptionBudget",
+        "HorizontalPodAutoscaler",
+        "ConfigMap",
+        "Secret",
+        "NetworkPolicy",
     }
 
 
@@ -163,6 +182,77 @@ def test_schema_validation_catches_a_typo(k8s_objects: list[dict[str, Any]]) -> 
     _container(broken, "app")["readinessProbe"]["httpGet"]["paht"] = "/readyz"
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(broken, K8S_VERSIONS[-1], strict=True)
+
+
+def _fixed_field_objects(node: Any, kind: str, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Paths of every mapping in ``node`` whose fields the API defines (not a free-form map)."""
+    found = []
+    if isinstance(node, dict):
+        free = bool(path) and (
+            path[-1] in FREE_FORM_MAPS or (kind == "Service" and path == ("spec", "selector"))
+        )
+        if not free:
+            found.append(path)
+        for key, value in node.items():
+            found += _fixed_field_objects(value, kind, (*path, key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            found += _fixed_field_objects(value, kind, (*path, i))
+    return found
+
+
+@pytest.mark.parametrize("path", ["k8s", "k8s/overlays/sentinel"])
+def test_strict_validation_rejects_an_unknown_field_anywhere(path: str) -> None:
+    """kubeconform's -strict, offline: ``strict=True`` picks schemas with
+    ``additionalProperties: false`` on every object, so an unknown field at any depth of
+    any rendered object fails."""
+    if KUBECTL is None and path != "k8s":
+        pytest.skip("kubectl is not installed: `kubectl kustomize` cannot render the overlay")
+    objects = _kustomize(ROOT / path) if KUBECTL else _base_files()
+    checked = 0
+    for obj in objects:
+        for where in _fixed_field_objects(obj, obj["kind"]):
+            broken = copy.deepcopy(obj)
+            node = broken
+            for key in where:
+                node = node[key]
+            node["unknownField"] = "x"
+            with pytest.raises(kubernetes_validate.ValidationError) as caught:
+                kubernetes_validate.validate(broken, K8S_VERSIONS[-1], strict=True)
+            assert "'unknownField' was unexpected" in caught.value.message, (where, caught.value)
+            checked += 1
+    assert checked >= 50, checked  # the walk really went deep
+
+
+def test_a_manifest_with_a_misspelt_field_fails(tmp_path: Path) -> None:
+    """The base with ``terminationGracePeriodSecond`` (no s), rendered as `kubectl apply -k`
+    would: strict validation rejects it; the non-strict schemas would let it through, and
+    the API server would drop the field, leaving the 30 s default grace period."""
+    base = tmp_path / "base"
+    shutil.copytree(K8S / "base", base)
+    deployment = base / "deployment.yaml"
+    text = deployment.read_text()
+    assert text.count("terminationGracePeriodSeconds:") == 1
+    deployment.write_text(
+        text.replace("terminationGracePeriodSeconds:", "terminationGracePeriodSecond:")
+    )
+    objects = _kustomize(base) if KUBECTL else _base_files(base)
+
+    errors = []
+    for obj in objects:
+        try:
+            kubernetes_validate.validate(obj, K8S_VERSIONS[-1], strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            errors.append((obj["kind"], obj["metadata"]["name"], list(exc.path), exc.message))
+    assert errors == [
+        (
+            "Deployment",
+            "coordinator-demo",
+            ["spec", "template", "spec"],
+            "Additional properties are not allowed ('terminationGracePeriodSecond' was unexpected)",
+        )
+    ]
+    kubernetes_validate.validate(_app(objects), K8S_VERSIONS[-1], strict=False)
 
 
 @needs_kubectl
@@ -255,7 +345,8 @@ def test_redis_password_comes_from_the_secret(k8s_objects: list[dict[str, Any]])
     env = _container(_app(k8s_objects), "app")["env"]
     by_name = {e["name"]: e for e in env}
     assert by_name["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
-        "name": "coordinator-redis", "key": "REDIS_PASSWORD",
+        "name": "coordinator-redis",
+        "key": "REDIS_PASSWORD",
     }
     assert by_name["REDIS_URL"]["value"] == "redis://:$(REDIS_PASSWORD)@redis:6379/0"
     _check_var_refs_defined_first(env)
@@ -359,7 +450,9 @@ def _compose_schema() -> dict[str, Any]:
     # extra) vendors it from compose-spec/compose-spec.
     text = (
         importlib.resources.files("check_jsonschema")
-        / "builtin_schemas" / "vendor" / "compose-spec.json"
+        / "builtin_schemas"
+        / "vendor"
+        / "compose-spec.json"
     ).read_text()
     return dict(json.loads(text))
 
@@ -427,6 +520,20 @@ def test_nginx_is_configured_for_sse(compose: dict[str, Any]) -> None:
     assert 'proxy_set_header Connection ""' in directives
     assert "proxy_read_timeout 1h" in directives
     assert "server app:8000 resolve max_fails=1 fail_timeout=2s" in directives
+    # The port the client used survives into the app's redirects ($host drops it).
+    assert "proxy_set_header Host $http_host" in directives
+    # A graceful stop or reload with streams open ends, within the stop grace period.
+    shutdown = next(d for d in directives if d.startswith("worker_shutdown_timeout "))
+    lb = compose["services"]["lb"]
+    assert _duration_s(shutdown.split()[1]) < _duration_s(lb["stop_grace_period"])
+    assert lb["stop_signal"] == "SIGQUIT"
+    # nginx drops an idle upstream connection before uvicorn does (its keep-alive is 5 s).
+    keepalive = next(d for d in directives if d.startswith("keepalive_timeout "))
+    assert _duration_s(keepalive.split()[1]) < 5
+
+
+def test_compose_file_runs_on_compose_v1(compose: dict[str, Any]) -> None:
+    assert "name" not in compose, "Compose v1 rejects a top-level name:"
 
 
 # ---------------------------------------------------------------- Dockerfile
@@ -435,14 +542,7 @@ def test_nginx_is_configured_for_sse(compose: dict[str, Any]) -> None:
 @pytest.fixture(scope="module")
 def dockerfile() -> list[tuple[str, str]]:
     """(instruction, arguments) pairs, continuation lines joined."""
-    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
-    out = []
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            instruction, _, args = line.partition(" ")
-            out.append((instruction.upper(), args.strip()))
-    return out
+    return instructions(ROOT / "Dockerfile")
 
 
 def test_dockerfile_base_images_are_pinned(dockerfile: list[tuple[str, str]]) -> None:
@@ -475,9 +575,63 @@ def test_dockerfile_command_and_healthcheck(dockerfile: list[tuple[str, str]]) -
     assert command[command.index("--port") + 1] == "8000"
 
     health = instructions["HEALTHCHECK"]
-    check = json.loads(health[health.index("CMD") + 3:])
+    check = json.loads(health[health.index("CMD") + 3 :])
     assert check[0] == "python" and "curl" not in health
     assert "http://127.0.0.1:8000/healthz" in check[-1]
+
+
+def _runs(container: dict[str, Any], image: Image) -> list[str]:
+    """The command line a container runs: Kubernetes' ``command`` replaces the image's
+    ENTRYPOINT and CMD, ``args`` alone replaces the CMD (this image has no ENTRYPOINT)."""
+    if "command" in container:
+        return [*container["command"], *container.get("args", [])]
+    return list(container.get("args", image.cmd))
+
+
+def _port_disagreements(objects: list[dict[str, Any]], image: Image) -> list[str]:
+    """Where the app Deployment, its Service and the image disagree on the app's port."""
+    deployment = _app(objects)
+    container = _container(deployment, "app")
+    port = listen_port(_runs(container, image))
+    named = {p["name"]: p["containerPort"] for p in container["ports"]}
+    found = {"containerPort http": named.get("http")}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        target = container[probe]["httpGet"]["port"]
+        found[probe] = named.get(target, target)
+    notes = deployment["spec"]["template"]["metadata"]["annotations"]
+    found["prometheus.io/port"] = int(notes["prometheus.io/port"])
+    for service_port in _one(objects, "Service", "coordinator-demo")["spec"]["ports"]:
+        target = service_port["targetPort"]
+        found[f"Service targetPort {target}"] = named.get(target, target)
+    return [
+        f"{what} is {value}, the server listens on {port}"
+        for what, value in found.items()
+        if value != port
+    ]
+
+
+def test_k8s_and_the_image_agree_on_the_port(
+    k8s_objects: list[dict[str, Any]], dockerfile: list[tuple[str, str]]
+) -> None:
+    image = Image.load(ROOT / "Dockerfile")
+    assert "ENTRYPOINT" not in dict(dockerfile), "_runs assumes the image has no ENTRYPOINT"
+    assert _port_disagreements(k8s_objects, image) == []
+    if KUBECTL:
+        overlay = _kustomize(K8S / "overlays" / "sentinel")
+        assert _port_disagreements(overlay, image) == []
+    # The image's own EXPOSE and HEALTHCHECK, too.
+    assert dict(dockerfile)["EXPOSE"] == str(image.port)
+    assert f"http://127.0.0.1:{image.port}/" in dict(dockerfile)["HEALTHCHECK"]
+
+    # A Deployment that overrides the CMD with another port is caught, as is a probe's port.
+    moved = copy.deepcopy(k8s_objects)
+    _container(_app(moved), "app")["args"] = image.cmd_on_port(9000)
+    assert len(_port_disagreements(moved, image)) == 6
+    probed = copy.deepcopy(k8s_objects)
+    _container(_app(probed), "app")["livenessProbe"]["httpGet"]["port"] = 8080
+    assert _port_disagreements(probed, image) == [
+        "livenessProbe is 8080, the server listens on 8000"
+    ]
 
 
 def test_dockerignore_keeps_the_context_small() -> None:

@@ -13,7 +13,7 @@ import pytest
 from redis.asyncio import Redis
 
 from coordinator import CoordinatorSettings, LeaderElector, create_redis
-from coordinator.testing import RedisServer, async_wait_until
+from coordinator.testing import async_wait_until, owned_redis
 
 from .support.timing import FAST
 
@@ -129,7 +129,7 @@ async def test_lease_lost_is_noticed_and_revoked(redis_client: Redis, make: Make
 
 
 async def test_paused_redis_makes_leader_step_down_before_ttl(make: Make) -> None:
-    with RedisServer() as server:
+    with owned_redis() as server:
         redis = create_redis(server.url, socket_timeout=0.5)
         a, rec_a = make(redis, "a")
         b, _ = make(redis, "b")
@@ -154,7 +154,7 @@ async def test_paused_redis_makes_leader_step_down_before_ttl(make: Make) -> Non
 
 
 async def test_restart_with_data_loss_keeps_tokens_increasing(make: Make) -> None:
-    with RedisServer() as server:
+    with owned_redis() as server:
         redis = create_redis(server.url, socket_timeout=1)
         electors = [make(redis, f"e{i}")[0] for i in range(2)]
         for e in electors:

@@ -13,8 +13,8 @@ import redis as redis_sync
 from redis.exceptions import NoPermissionError
 
 from coordinator import create_redis
-from coordinator.testing import RedisServer, async_wait_until
-from coordinator.testing_topologies import (
+from coordinator.testing import async_wait_until, binary_only_reason, owned_redis
+from coordinator.testing.topologies import (
     SentinelCluster,
     TLSRedisServer,
     UnixRedisServer,
@@ -31,14 +31,18 @@ ACL_COMMANDS = (
     "+evalsha +eval +get +set +del +mget +scan +hgetall +lrange +xlen +xrevrange "
     "+lpush +ltrim +multi +exec +zadd +zremrangebyscore +zrevrangebyscore "
     "+subscribe +publish +time +exists +pttl +pexpire +expire +persist "
-    "+incr +hget +hset +xadd +xrange +xinfo|stream"
+    "+incr +hget +hset +xadd +xrange +xinfo|stream "
+    "+hlen +zcard +zrange +zrem +rename +incrby +script|load "
+    "+hdel +hexists +hkeys +hmget +sadd +srem +sismember +smembers"
 )
 """Every command the library sends, directly or from its Lua scripts (README: ACL)."""
 
 
 def acl_line(user: str, password: str, namespace: str) -> str:
-    return (f"{user} on >{password} resetkeys resetchannels ~{{{namespace}}}:* "
-            f"&{{{namespace}}}:* -@all {ACL_COMMANDS}")  # fmt: skip
+    return (
+        f"{user} on >{password} resetkeys resetchannels ~{{{namespace}}}:* "
+        f"&{{{namespace}}}:* -@all {ACL_COMMANDS}"
+    )
 
 
 def check_flow(seen: dict[str, Any]) -> None:
@@ -52,7 +56,7 @@ def check_flow(seen: dict[str, Any]) -> None:
 
 
 async def test_tls_only_server(tmp_path: Path, namespace: str) -> None:
-    reason = tls_unsupported_reason()
+    reason = binary_only_reason("a TLS-only server") or tls_unsupported_reason()
     if reason:
         pytest.skip(reason)
     certs = make_certificates(tmp_path / "certs")
@@ -67,20 +71,23 @@ async def test_tls_only_server(tmp_path: Path, namespace: str) -> None:
 
 
 async def test_unix_socket_server(namespace: str) -> None:
+    if reason := binary_only_reason("a server on a unix socket"):
+        pytest.skip(reason)
     with UnixRedisServer() as server:
         assert server.url.startswith("unix://")
         check_flow(await exercise(server.url, namespace))
 
 
 async def test_acl_user_restricted_to_namespace(namespace: str) -> None:
-    with RedisServer() as server:
-        admin = redis_sync.Redis(port=server.port, decode_responses=True)
+    with owned_redis() as server:
+        admin = redis_sync.Redis(host=server.host, port=server.port, decode_responses=True)
         admin.execute_command("ACL", "SETUSER", *acl_line("app", "s3cret", namespace).split())
         admin.execute_command("ACL", "LOG", "RESET")
         url = f"redis://app:s3cret@127.0.0.1:{server.port}/0"
         check_flow(await exercise(url, namespace))
-        denied = [e for e in admin.execute_command("ACL", "LOG")
-                  if "setinfo" not in str(e)]  # redis-py tries it, ignores a refusal
+        denied = [
+            e for e in admin.execute_command("ACL", "LOG") if "setinfo" not in str(e)
+        ]  # redis-py tries it, ignores a refusal
         assert denied == [], denied  # nothing the flow did was refused
         client = create_redis(url)
         try:
@@ -94,6 +101,8 @@ async def test_acl_user_restricted_to_namespace(namespace: str) -> None:
 
 
 async def test_sentinel_failover(namespace: str) -> None:
+    if reason := binary_only_reason("a Sentinel topology (a primary, a replica, 3 sentinels)"):
+        pytest.skip(reason)
     with SentinelCluster() as cluster:
         async with asyncio.timeout(120), pair(cluster.url, namespace) as (a, b):
             await leader_of(a, b)
@@ -107,6 +116,7 @@ async def test_sentinel_failover(namespace: str) -> None:
                 after = await publish_until_ok(a, "fo", "after", timeout=20)
                 received = await read_until(sub, after.encode(), timeout=20)
                 assert before.encode() in received and after.encode() in received
+
             # Leadership resumes: one process holds a lease that is current on the new
             # primary (server-side check, not local belief).
             async def confirmed() -> bool:

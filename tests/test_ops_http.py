@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -16,7 +17,7 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from coordinator.testing import RedisServer
+from coordinator.testing import DockerRedisServer, RedisServer, owned_redis
 
 from .support.app_cluster import HOST, AppCluster
 from .support.procs import Proc
@@ -29,25 +30,27 @@ PUBLISH_TOKEN = "tok-publish-123"
 SUBSCRIBE_TOKEN = "tok-subscribe-456"
 MAX_STREAMS = 3
 ENV = {
-    "COORDINATOR_LOG_FORMAT": "json", "COORDINATOR_LOG_LEVEL": "INFO",
-    "DEMO_PUBLISH_TOKEN": PUBLISH_TOKEN, "DEMO_SUBSCRIBE_TOKEN": SUBSCRIBE_TOKEN,
+    "COORDINATOR_LOG_FORMAT": "json",
+    "COORDINATOR_LOG_LEVEL": "INFO",
+    "DEMO_PUBLISH_TOKEN": PUBLISH_TOKEN,
+    "DEMO_SUBSCRIBE_TOKEN": SUBSCRIBE_TOKEN,
     "COORDINATOR_SSE_MAX_CONNECTIONS_PER_CLIENT": str(MAX_STREAMS),
-    "COORDINATOR_PUBLISH_RATE_PER_CLIENT": "5", "COORDINATOR_PUBLISH_BURST": "5",
-}  # fmt: skip
+    "COORDINATOR_PUBLISH_RATE_PER_CLIENT": "5",
+    "COORDINATOR_PUBLISH_BURST": "5",
+}
 AUTH = {"authorization": f"Bearer {PUBLISH_TOKEN}"}
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[RedisServer]:
-    with RedisServer(extra_args=["--requirepass", PASSWORD]) as owned:
+def server() -> Iterator[RedisServer | DockerRedisServer]:
+    with owned_redis(extra_args=["--requirepass", PASSWORD]) as owned:
         yield owned
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def demo(server: RedisServer) -> AsyncIterator[AppCluster]:
+async def demo(server: RedisServer | DockerRedisServer) -> AsyncIterator[AppCluster]:
     url = f"redis://:{PASSWORD}@127.0.0.1:{server.port}/0"
-    cluster = AppCluster(url, f"ops{uuid.uuid4().hex[:8]}", workers=1, env=ENV,
-                         app="app.main:app")  # fmt: skip
+    cluster = AppCluster(url, f"ops{uuid.uuid4().hex[:8]}", workers=1, env=ENV, app="app.main:app")
     async with cluster.running(exit_codes=(0, -15)):
         yield cluster
     assert "stepped down" in cluster.proc.stderr_tail(), cluster.proc.stderr_tail()
@@ -58,11 +61,19 @@ def stream(demo: AppCluster, channel: str, token: str | None = SUBSCRIBE_TOKEN) 
     return SSEClient(HOST, demo.port, f"/api/channels/{channel}/events{query}")
 
 
-async def post(demo: AppCluster, channel: str, data: Any,
-               headers: dict[str, str] | None = None) -> httpx.Response:  # fmt: skip
-    async with httpx.AsyncClient(base_url=demo.base, timeout=10) as http:
-        return await http.post(f"/api/channels/{channel}/events", json={"data": data},
-                               headers=headers or {})  # fmt: skip
+async def post(
+    demo: AppCluster,
+    channel: str,
+    data: Any,
+    headers: dict[str, str] | None = None,
+    source: str | None = None,
+) -> httpx.Response:
+    """POST one event; ``source``: the local address to connect from (another client)."""
+    transport = httpx.AsyncHTTPTransport(local_address=source) if source else None
+    async with httpx.AsyncClient(base_url=demo.base, timeout=10, transport=transport) as http:
+        return await http.post(
+            f"/api/channels/{channel}/events", json={"data": data}, headers=headers or {}
+        )
 
 
 async def test_denied_requests_get_403_and_nothing_leaks(demo: AppCluster) -> None:
@@ -129,26 +140,51 @@ async def test_leader_and_instance_show_only_the_contract(demo: AppCluster) -> N
     while (leader := (await demo.get("/api/leader")).json()["leader"]) is None:
         assert time.monotonic() < deadline
         await asyncio.sleep(0.1)
-    assert set(leader) == {"instance_id", "hostname", "pid", "fencing_token", "acquired_at",
-                           "renewed_at", "ttl_ms"}  # fmt: skip
+    assert set(leader) == {
+        "instance_id",
+        "hostname",
+        "pid",
+        "fencing_token",
+        "acquired_at",
+        "renewed_at",
+        "ttl_ms",
+    }
     for path in ("/api/leader", "/api/instance", "/readyz", "/healthz", "/api/jobs", "/metrics"):
         body = (await demo.get(path)).text
         assert PASSWORD not in body and "client_id" not in body and "redis://" not in body
 
 
+async def test_metrics_of_the_one_process(demo: AppCluster) -> None:
+    deadline = time.monotonic() + 15
+    while True:
+        response = await demo.get("/metrics")
+        assert response.status_code == 200, response.text
+        leaders = re.findall(r"^coordinator_is_leader\{[^}]*\} (\S+)$", response.text, re.M)
+        up = re.findall(r"^coordinator_relay_up\{[^}]*\} (\S+)$", response.text, re.M)
+        if leaders == ["1.0"] and up == ["1.0"]:
+            break
+        assert time.monotonic() < deadline, response.text
+        await asyncio.sleep(0.1)
+    assert response.headers["content-type"].startswith("text/plain")
+    assert re.search(r"^coordinator_elections_total [1-9]", response.text, re.M)
+
+
 async def test_publish_rate_per_client_is_429_with_retry_after(demo: AppCluster) -> None:
+    # A client address of its own: the other tests' publishes (from 127.0.0.1) count
+    # against theirs, cluster-wide, and must not eat this one's burst.
+    source = "127.0.0.77"
     codes = []
     limited = None
     for n in range(12):
-        response = await post(demo, "rate", n, AUTH)
+        response = await post(demo, "rate", n, AUTH, source=source)
         codes.append(response.status_code)
         if response.status_code == 429:
             limited = response
     assert codes.count(202) >= 5 and limited is not None, codes
     assert int(limited.headers["retry-after"]) >= 1
     assert "COORDINATOR_PUBLISH_RATE_PER_CLIENT" in limited.json()["detail"]
-    await asyncio.sleep(1.1)  # the bucket refills
-    assert (await post(demo, "rate", "later", AUTH)).status_code == 202
+    await asyncio.sleep(int(limited.headers["retry-after"]))  # as the server asks
+    assert (await post(demo, "rate", "later", AUTH, source=source)).status_code == 202
 
 
 async def test_logs_are_json_lines_without_the_password(demo: AppCluster) -> None:
@@ -160,11 +196,21 @@ async def test_logs_are_json_lines_without_the_password(demo: AppCluster) -> Non
     assert any(r.get("channel") == "secure" and "denied" in r["message"] for r in records)
 
 
-async def test_wrong_password_is_logged_without_it(server: RedisServer) -> None:
+async def test_wrong_password_is_logged_without_it(server: RedisServer | DockerRedisServer) -> None:
     url = f"redis://:wrong-{PASSWORD}@127.0.0.1:{server.port}/0"
-    proc = Proc("uvicorn", "app.main:app", "--port", "0", "--log-level", "warning",
-                env={"REDIS_URL": url, "COORDINATOR_LOG_FORMAT": "json",
-                     "COORDINATOR_NAMESPACE": f"ops{uuid.uuid4().hex[:8]}"})  # fmt: skip
+    proc = Proc(
+        "uvicorn",
+        "app.main:app",
+        "--port",
+        "0",
+        "--log-level",
+        "warning",
+        env={
+            "REDIS_URL": url,
+            "COORDINATOR_LOG_FORMAT": "json",
+            "COORDINATOR_NAMESPACE": f"ops{uuid.uuid4().hex[:8]}",
+        },
+    )
     try:
         deadline = time.monotonic() + 30
         while "AuthenticationError" not in "\n".join(proc.stderr_lines):

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from coordinator.status import cluster_status
+from coordinator.ops.status import cluster_status
 from coordinator.testing import async_wait_until
 
 from .support.flow import make_coordinator

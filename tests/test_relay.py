@@ -22,9 +22,9 @@ from coordinator import (
     Subscription,
     create_redis,
 )
-from coordinator.events import parse_event_id, validate_event
-from coordinator.keys import Keys
-from coordinator.scripts import PUBLISH
+from coordinator.relay.events import parse_event_id, validate_event
+from coordinator.store.keys import Keys
+from coordinator.store.scripts import PUBLISH
 from coordinator.testing import async_wait_until, free_port
 
 
@@ -68,8 +68,11 @@ class Reader:
         return [i for i, e, _ in self.events if e == "message" and i is not None]
 
     async def wait_count(self, n: int, timeout: float = 15) -> None:
-        await async_wait_until(lambda: len(self.data()) >= n, timeout,
-                               message=f"{len(self.data())}/{n} events for {self.sub}")  # fmt: skip
+        await async_wait_until(
+            lambda: len(self.data()) >= n,
+            timeout,
+            message=f"{len(self.data())}/{n} events for {self.sub}",
+        )
 
 
 async def test_publish_returns_stream_id_and_appends_to_stream(
@@ -166,7 +169,7 @@ async def test_reset_when_history_was_trimmed(redis_url: str, namespace: str) ->
             retained = reader.data()
             assert retained == list(range(400 - len(retained), 400))  # the newest, in order
             assert 10 <= len(retained) < 399
-            assert relay.resets_sent == 1
+            assert relay.stats.resets_sent == 1
 
 
 async def test_reset_for_an_id_from_another_history(redis_url: str, namespace: str) -> None:
@@ -195,8 +198,35 @@ async def test_slow_subscriber_is_cut_at_the_limit_others_get_everything(
         assert fast.data() == list(range(100))
         assert closed == ["overflow"] and slow.closed == "overflow"
         assert slow.queued == 0  # its memory is released at once
-        assert relay.clients_dropped == 1 and relay.subscribers == 1
+        assert relay.stats.clients_dropped == 1 and relay.subscribers == 1
         assert [chunk async for chunk in slow] == []  # iteration ends
+
+
+async def test_a_raising_on_close_callback_is_isolated(
+    redis_url: str, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running(settings(redis_url, namespace, relay_client_queue=5)) as relay:
+        slow = await relay.subscribe("ch")  # never read: cut inside the listener
+
+        def broken(reason: str) -> None:
+            raise RuntimeError(f"callback bug ({reason})")
+
+        after: list[str] = []
+        slow.on_close(broken)
+        slow.on_close(after.append)
+        fast = Reader(await relay.subscribe("ch"))
+        for i in range(30):
+            await relay.publish("ch", i)
+        await fast.wait_count(30)
+        assert fast.data() == list(range(30))
+        assert slow.closed == "overflow" and after == ["overflow"]  # the next callback ran
+        assert relay.stats.reconnects == 0 and relay.ready  # not taken for a Redis failure
+        assert relay.stats.backfilled_events == 0
+        assert "callback bug (overflow)" in caplog.text
+        late: list[str] = []
+        slow.on_close(broken)  # registered after the close: called at once, still isolated
+        slow.on_close(late.append)
+        assert late == ["overflow"]
 
 
 async def test_stop_ends_subscriptions(redis_url: str, namespace: str) -> None:
@@ -210,8 +240,7 @@ async def test_stop_ends_subscriptions(redis_url: str, namespace: str) -> None:
 
 
 async def test_not_ready_without_redis_and_subscribe_fails_clearly(namespace: str) -> None:
-    conf = settings(f"redis://127.0.0.1:{free_port()}/0", namespace,
-                    relay_subscribe_timeout_s=0.5)  # fmt: skip
+    conf = settings(f"redis://127.0.0.1:{free_port()}/0", namespace, relay_subscribe_timeout_s=0.5)
     relay = EventRelay(conf)
     await relay.start()
     try:
@@ -225,8 +254,9 @@ async def test_not_ready_without_redis_and_subscribe_fails_clearly(namespace: st
         await relay.stop()
 
 
-async def kill_listeners_and_publish(url: str, conf: CoordinatorSettings, channel: str,
-                                     data: Any) -> str:  # fmt: skip
+async def kill_listeners_and_publish(
+    url: str, conf: CoordinatorSettings, channel: str, data: Any
+) -> str:
     """CLIENT KILL TYPE pubsub and a publish in one transaction: the event is published
     while no listener is subscribed, so only a backfill from the stream can deliver it."""
     encoded = validate_event(channel, data, "message", conf.relay_max_event_bytes)
@@ -235,8 +265,17 @@ async def kill_listeners_and_publish(url: str, conf: CoordinatorSettings, channe
     try:
         async with client.pipeline(transaction=True) as pipe:
             pipe.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
-            pipe.eval(PUBLISH.source, 1, keys.stream(channel), keys.events(), channel, "message",
-                      encoded.data_json, conf.relay_history, conf.relay_stream_ttl_s)  # fmt: skip
+            pipe.eval(
+                PUBLISH.source,
+                1,
+                keys.stream(channel),
+                keys.events(),
+                channel,
+                "message",
+                encoded.data_json,
+                conf.relay_history,
+                conf.relay_stream_ttl_s,
+            )
             killed, event_id = await pipe.execute()
         assert killed >= 1
         return str(event_id.decode())
@@ -257,7 +296,7 @@ async def test_client_kill_pubsub_listener_recovers_and_backfills(
         await reader.wait_count(3)
         assert reader.data() == [0, 1, 2]
         assert reader.ids()[1] == missed
-        assert relay.reconnects == 1 and relay.backfilled_events >= 1 and relay.ready
+        assert relay.stats.reconnects == 1 and relay.stats.backfilled_events >= 1 and relay.ready
 
 
 async def test_redis_restart_live_delivery_resumes(redis_server: Any, namespace: str) -> None:
@@ -279,4 +318,4 @@ async def test_redis_restart_live_delivery_resumes(redis_server: Any, namespace:
         await reader.wait_count(2)
         await async_wait_until(lambda: relay.ready, 15)
         assert reader.data() == ["before", "after"]
-        assert relay.reconnects >= 1
+        assert relay.stats.reconnects >= 1

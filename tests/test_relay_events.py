@@ -7,11 +7,11 @@ import json
 import pytest
 
 from coordinator.errors import EventTooLargeError, InvalidEventError, InvalidEventIdError
-from coordinator.events import (
+from coordinator.relay.events import (
     EventId,
+    check_channel,
     decode_envelope,
     encode_envelope,
-    is_valid_channel,
     parse_event_id,
     parse_publish_body,
     reset_frame,
@@ -23,9 +23,13 @@ from coordinator.events import (
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("1700000000000-0", EventId(1700000000000, 0)), ("0-0", EventId(0, 0)),
-     (" 5-7 ", EventId(5, 7)), (b"12-3", EventId(12, 3))],
-)  # fmt: skip
+    [
+        ("1700000000000-0", EventId(1700000000000, 0)),
+        ("0-0", EventId(0, 0)),
+        (" 5-7 ", EventId(5, 7)),
+        (b"12-3", EventId(12, 3)),
+    ],
+)
 def test_parse_event_id(text: str, expected: EventId) -> None:
     assert parse_event_id(text) == expected
     assert str(expected) == f"{expected.ms}-{expected.seq}"
@@ -33,9 +37,23 @@ def test_parse_event_id(text: str, expected: EventId) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["", "abc", "1-2-3", "-1-0", "1", "1-", "-1", "1.5-0", "\uff11-0", "18446744073709551616-0",
-     "1-18446744073709551616", "1-0\n2", "x" * 10_000, "1-0; DROP"],
-)  # fmt: skip
+    [
+        "",
+        "abc",
+        "1-2-3",
+        "-1-0",
+        "1",
+        "1-",
+        "-1",
+        "1.5-0",
+        "\uff11-0",
+        "18446744073709551616-0",
+        "1-18446744073709551616",
+        "1-0\n2",
+        "x" * 10_000,
+        "1-0; DROP",
+    ],
+)
 def test_parse_event_id_rejects_garbage(text: str) -> None:
     with pytest.raises(InvalidEventIdError) as info:
         parse_event_id(text)
@@ -50,14 +68,16 @@ def test_ids_compare_numerically_not_as_text() -> None:
 
 @pytest.mark.parametrize("channel", ["a", "room:42", "A.b_c-d", "9" * 128])
 def test_valid_channels(channel: str) -> None:
-    assert is_valid_channel(channel)
+    assert check_channel(channel) == channel
 
 
 @pytest.mark.parametrize("channel", ["", "-a", "a b", "a/b", "é", "a\nb", "9" * 129, None, 5])
 def test_invalid_channels(channel: object) -> None:
-    assert not is_valid_channel(channel)
-    with pytest.raises(InvalidEventError, match="channel"):
+    with pytest.raises(InvalidEventError, match="use 1-128 characters") as direct:
+        check_channel(channel)
+    with pytest.raises(InvalidEventError) as publishing:
         validate_event(channel, {}, "message", 1000)  # type: ignore[arg-type]
+    assert str(publishing.value) == str(direct.value)  # one rule, one message
 
 
 def test_validate_event_encodes_compact_json_once() -> None:
@@ -68,10 +88,16 @@ def test_validate_event_encodes_compact_json_once() -> None:
 
 @pytest.mark.parametrize(
     ("data", "event", "match"),
-    [({1, 2}, "message", "JSON"), (float("nan"), "message", "JSON"), (object(), "message", "JSON"),
-     (1, "bad name", "event name"), (1, "", "event name"), (1, "reset", "reserved"),
-     (1, "a\nb", "event name")],
-)  # fmt: skip
+    [
+        ({1, 2}, "message", "JSON"),
+        (float("nan"), "message", "JSON"),
+        (object(), "message", "JSON"),
+        (1, "bad name", "event name"),
+        (1, "", "event name"),
+        (1, "reset", "reserved"),
+        (1, "a\nb", "event name"),
+    ],
+)
 def test_validate_event_rejects(data: object, event: str, match: str) -> None:
     with pytest.raises(InvalidEventError, match=match):
         validate_event("news", data, event, 1000)

@@ -43,8 +43,9 @@ async def test_fanout_1000_events_40_clients_on_4_workers(cluster: AppCluster) -
     used: set[str] = set()
     try:
         for seq in range(1000):
-            _, instance = await cluster.publish(publishers[seq % len(publishers)], "fanout",
-                                                {"seq": seq})  # fmt: skip
+            _, instance = await cluster.publish(
+                publishers[seq % len(publishers)], "fanout", {"seq": seq}
+            )
             used.add(instance)
         await wait_messages(clients, 1000, timeout=60)
         await asyncio.sleep(0.2)  # anything extra (a duplicate) would have arrived by now
@@ -73,8 +74,9 @@ async def test_reconnect_with_last_event_id_to_another_worker(cluster: AppCluste
 
     second = None
     for _ in range(50):
-        candidate = await SSEClient(HOST, cluster.port, path,
-                                    last_event_id=first.last_event_id).connect()  # fmt: skip
+        candidate = await SSEClient(
+            HOST, cluster.port, path, last_event_id=first.last_event_id
+        ).connect()
         if candidate.instance != first.instance:
             second = candidate.start()
             break
@@ -100,20 +102,31 @@ async def test_bad_input_gets_4xx_never_500(cluster: AppCluster) -> None:
             (await http.post("/api/channels/ok/events", content=b"\xff\xfe"), 422, "JSON"),
             (await http.post("/api/channels/ok/events", json=[1]), 422, "object"),
             (await http.post("/api/channels/ok/events", json={"evnt": 1}), 422, "data"),
-            (await http.post("/api/channels/ok/events", json={"event": "a b", "data": 1}), 422,
-             "event"),
-            (await http.post("/api/channels/ok/events", json={"event": "reset", "data": 1}), 422,
-             "reserved"),
-            (await http.post("/api/channels/ok/events", json={"data": "x" * 70_000}), 413,
-             "limit"),
+            (
+                await http.post("/api/channels/ok/events", json={"event": "a b", "data": 1}),
+                422,
+                "event",
+            ),
+            (
+                await http.post("/api/channels/ok/events", json={"event": "reset", "data": 1}),
+                422,
+                "reserved",
+            ),
+            (await http.post("/api/channels/ok/events", json={"data": "x" * 70_000}), 413, "limit"),
             (await http.post("/api/channels/ok/events", content=b"[" * 2_000_000), 413, "body"),
             (await http.get("/api/channels/bad%20name/events"), 422, "channel"),
-            (await http.get("/api/channels/ok/events", headers={"Last-Event-ID": "garbage"}), 400,
-             "Last-Event-ID"),
+            (
+                await http.get("/api/channels/ok/events", headers={"Last-Event-ID": "garbage"}),
+                400,
+                "Last-Event-ID",
+            ),
             (await http.get("/api/channels/ok/events?last_event_id=1-2-3"), 400, "Last-Event-ID"),
-            (await http.get("/api/channels/ok/events", headers={"Last-Event-ID": "9" * 8000}),
-             400, "Last-Event-ID"),
-        ]  # fmt: skip
+            (
+                await http.get("/api/channels/ok/events", headers={"Last-Event-ID": "9" * 8000}),
+                400,
+                "Last-Event-ID",
+            ),
+        ]
     for response, status, word in cases:
         assert response.status_code == status, (response.request.url, response.text)
         assert word in response.json()["detail"], response.text
@@ -140,10 +153,12 @@ async def test_redis_restart_mid_stream(redis_server: Any, namespace: str) -> No
         await app.stats(until=lambda s: s["ready"] and s["reconnects"] >= 1)
 
         # Reconnect with ids from before and after the restart: every retained event.
-        old = await SSEClient(HOST, app.port, "/api/channels/restart/events",
-                              last_event_id=ids[10]).connect()  # fmt: skip
-        recent = await SSEClient(HOST, app.port, "/api/channels/restart/events",
-                                 last_event_id=ids[60]).connect()  # fmt: skip
+        old = await SSEClient(
+            HOST, app.port, "/api/channels/restart/events", last_event_id=ids[10]
+        ).connect()
+        recent = await SSEClient(
+            HOST, app.port, "/api/channels/restart/events", last_event_id=ids[60]
+        ).connect()
         for client in (old, recent):
             client.start()
         await wait_messages([old], 40)
@@ -159,16 +174,16 @@ async def test_redis_restart_mid_stream(redis_server: Any, namespace: str) -> No
         code, took = app.stop()
         assert code == 0, app.proc.stderr_tail()
         assert took < 15, f"uvicorn took {took:.1f}s to stop with open SSE streams"
-        await async_wait_until(lambda: all(c.ended for c in clients), 10,
-                               message="streams still open after shutdown")  # fmt: skip
+        await async_wait_until(
+            lambda: all(c.ended for c in clients), 10, message="streams still open after shutdown"
+        )
     finally:
         for client in clients:
             await client.close()
         app.stop()
 
 
-async def test_client_kill_pubsub_recovers_and_backfills(redis_server: Any,
-                                                         namespace: str) -> None:  # fmt: skip
+async def test_client_kill_pubsub_recovers_and_backfills(redis_server: Any, namespace: str) -> None:
     app = AppCluster(redis_server.url, namespace, workers=4)
     try:
         await app.wait_ready()
@@ -198,8 +213,7 @@ async def test_client_kill_pubsub_recovers_and_backfills(redis_server: Any,
 async def test_client_that_never_reads_is_cut_others_unaffected(
     redis_url: str, namespace: str
 ) -> None:
-    app = AppCluster(redis_url, namespace, workers=1,
-                       env={"COORDINATOR_RELAY_CLIENT_QUEUE": "32"})  # fmt: skip
+    app = AppCluster(redis_url, namespace, workers=1, env={"COORDINATOR_RELAY_CLIENT_QUEUE": "32"})
     path = "/api/channels/slow/events"
     good: list[SSEClient] = []
     slow = socket.socket()
@@ -220,8 +234,9 @@ async def test_client_that_never_reads_is_cut_others_unaffected(
         published = 0
         dropped_at = None
         while published < 3000:
-            await app.publish(publisher, "slow", {"seq": published, "t": time.monotonic(),
-                                                  "pad": padding})  # fmt: skip
+            await app.publish(
+                publisher, "slow", {"seq": published, "t": time.monotonic(), "pad": padding}
+            )
             published += 1
             if published % 20 == 0:
                 stats = (await app.get("/relay/stats")).json()
@@ -249,8 +264,10 @@ async def test_client_that_never_reads_is_cut_others_unaffected(
         seen = received.count(b"\nevent: message\n")
         assert 0 < seen < dropped_at, (seen, dropped_at)
         lags = sorted(m.t - m.json()["t"] for c in good for m in c.of("message"))
-        print(f"good clients' publish-to-receive latency: p50 {lags[len(lags) // 2] * 1000:.1f} "
-              f"ms, max {lags[-1] * 1000:.1f} ms; slow client cut after {seen} events")  # fmt: skip
+        print(
+            f"good clients' publish-to-receive latency: p50 {lags[len(lags) // 2] * 1000:.1f} "
+            f"ms, max {lags[-1] * 1000:.1f} ms; slow client cut after {seen} events"
+        )
         await publisher.aclose()
     finally:
         slow.close()

@@ -15,6 +15,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from apscheduler.schedulers.asyncio import AsyncIOScheduler  # type: ignore[import-untyped]
+from apscheduler.triggers.combining import OrTrigger  # type: ignore[import-untyped]
+from apscheduler.triggers.cron import CronTrigger  # type: ignore[import-untyped]
+from apscheduler.triggers.interval import IntervalTrigger  # type: ignore[import-untyped]
 from redis.asyncio import Redis
 
 from coordinator import (
@@ -25,11 +29,14 @@ from coordinator import (
     LeaderScheduler,
     OnceFailedError,
     RunRecord,
+    create_redis,
     run_once,
 )
-from coordinator.runs import RunHistory, dt_to_ms
-from coordinator.scripts import CLAIM_FIRE
-from coordinator.testing import async_wait_until
+from coordinator.clock import datetime_to_ms as dt_to_ms
+from coordinator.scheduler.catchup import SCAN_LIMIT, CatchUpJobStore, Skipped
+from coordinator.scheduler.runs import RunHistory
+from coordinator.store.scripts import CLAIM_FIRE
+from coordinator.testing import DockerRedisServer, RedisServer, async_wait_until
 
 from .support.timing import FAST
 
@@ -80,32 +87,50 @@ async def test_claim_fire_script(redis_client: Redis, namespace: str) -> None:
     lease = keys.lease("scheduler")
     await redis_client.set(lease, "term-1", px=5000)
 
-    async def claim(value: str, ms: int, mode: str = "run") -> int:
+    async def claim(value: str, ms: int, mode: str = "run") -> list[int]:
         record = RunRecord("job", ms, "missed", "me", 1).to_json() if mode == "missed" else ""
         reply = await CLAIM_FIRE(
             redis_client,
-            [lease, keys.fire("job", ms), keys.last_fire(), keys.runs()],
-            [value, "job", ms, 60_000, "{}", mode, record, 3],
+            [lease, keys.last_fire(), keys.runs()],
+            [value, "job", ms, mode, record, 3],
         )
-        return int(reply[0])
+        return [int(x) for x in reply]
 
-    assert await claim("term-1", 1000) == 1
-    assert await claim("term-1", 1000) == -1, "the same fire is never claimed twice"
-    assert await claim("term-1", 500) == -1, "a fire older than the last one is refused"
-    assert await claim("term-0", 2000) == 0, "an old term claims nothing"
-    assert await redis_client.exists(keys.fire("job", 2000)) == 0
+    assert await claim("term-1", 1000) == [1]
+    assert await claim("term-1", 1000) == [-1, 1000], "the same fire is never claimed twice"
+    assert await claim("term-1", 500) == [-1, 1000], "a fire older than the last one is refused"
+    assert await claim("term-0", 2000) == [0], "an old term claims nothing"
     assert int(await redis_client.hget(keys.last_fire(), "job")) == 1000  # type: ignore[misc]
     for ms in (3000, 4000, 5000, 6000):
-        assert await claim("term-1", ms, "missed") == 1
+        assert await claim("term-1", ms, "missed") == [1]
+    assert await claim("term-1", 5000, "missed") == [-1, 6000], "a missed record is a claim too"
+    assert await claim("term-1", 6000) == [-1, 6000], "a fire recorded missed never runs"
     history = await RunHistory(redis_client, keys, 3).recent(10)
     assert [r.scheduled_ms for r in history] == [6000, 5000, 4000], "capped, newest first"
     assert all(r.status == "missed" for r in history)
-    assert 0 < await redis_client.pttl(keys.fire("job", 1000)) <= 60_000
+
+
+async def test_fire_claims_keep_constant_keys_per_job(redis_client: Redis, namespace: str) -> None:
+    keys = Keys(namespace)
+    lease = keys.lease("scheduler")
+    await redis_client.set(lease, "term-1", px=60_000)
+    for job in ("a", "b"):
+        for ms in range(1000, 1000 + 2000 * 10, 10):  # 2000 fires 10 ms apart
+            reply = await CLAIM_FIRE(
+                redis_client,
+                [lease, keys.last_fire(), keys.runs()],
+                ["term-1", job, ms, "run", "", 5],
+            )
+            assert int(reply[0]) == 1
+    found = sorted([k.decode() async for k in redis_client.scan_iter(match=f"{keys.prefix}*")])
+    assert found == [keys.last_fire(), lease], "no key per fire: one hash field per job"
+    assert await redis_client.hgetall(keys.last_fire()) == {b"a": b"20990", b"b": b"20990"}  # type: ignore[misc]
 
 
 # -- jobs, triggers, context, history -------------------------------------------------------------
-async def test_triggers_sync_async_errors_once_each(make: Make, redis_client: Redis,
-                                                     namespace: str) -> None:  # fmt: skip
+async def test_triggers_sync_async_errors_once_each(
+    make: Make, redis_client: Redis, namespace: str
+) -> None:
     seen: dict[str, list[JobContext]] = {}
     schedulers = [make("a"), make("b")]
     run_date = datetime.now(UTC) + timedelta(seconds=1.5)
@@ -137,8 +162,11 @@ async def test_triggers_sync_async_errors_once_each(make: Make, redis_client: Re
         by_job: dict[str, int] = {}
         for r in await runs(redis_client, namespace):
             by_job[r.job_id] = by_job.get(r.job_id, 0) + 1
-        return by_job.get("date-once", 0) >= 1 and by_job.get("sync-cron", 0) >= 2 \
-            and by_job.get("raises", 0) >= 3  # fmt: skip
+        return (
+            by_job.get("date-once", 0) >= 1
+            and by_job.get("sync-cron", 0) >= 2
+            and by_job.get("raises", 0) >= 3
+        )
 
     await async_wait_until(done, 15, message="date, cron and raising jobs ran")
     history = await runs(redis_client, namespace)
@@ -166,8 +194,15 @@ async def test_triggers_sync_async_errors_once_each(make: Make, redis_client: Re
     listed = await follower.list_runs(limit=3)
     assert len(listed) == 3
     for row in listed:
-        assert {"job_id", "scheduled_at", "started_at", "finished_at", "instance_id",
-                "fencing_token", "status"} <= set(row)  # fmt: skip
+        assert {
+            "job_id",
+            "scheduled_at",
+            "started_at",
+            "finished_at",
+            "instance_id",
+            "fencing_token",
+            "status",
+        } <= set(row)
 
 
 async def test_add_job_rejects_ids_that_differ_between_processes(make: Make) -> None:
@@ -190,17 +225,22 @@ async def test_stale_term_claims_nothing(make: Make, redis_client: Redis, namesp
     await redis_client.set(Keys(namespace).lease("scheduler"), '{"fencing_token": "0"}', px=20_000)
     stolen_ms = int(time.time() * 1000)
     ok_before = s.stats.ok
-    await async_wait_until(lambda: s.stats.refused_not_leader >= 3, 10,
-                           message="claims refused by Redis")  # fmt: skip
+    await async_wait_until(
+        lambda: s.stats.refused_not_leader >= 3, 10, message="claims refused by Redis"
+    )
     assert s.stats.ok <= ok_before + 1  # at most one claimed just before the swap
-    late = [r for r in await runs(redis_client, namespace)
-            if r.status == "ok" and (r.started_ms or 0) > stolen_ms + 50]  # fmt: skip
+    late = [
+        r
+        for r in await runs(redis_client, namespace)
+        if r.status == "ok" and (r.started_ms or 0) > stolen_ms + 50
+    ]
     assert late == []
     await async_wait_until(lambda: not s.elector.is_leader, 10, message="steps down at renewal")
 
 
-async def test_losing_leadership_tells_running_jobs(make: Make, redis_client: Redis,
-                                                    namespace: str) -> None:  # fmt: skip
+async def test_losing_leadership_tells_running_jobs(
+    make: Make, redis_client: Redis, namespace: str
+) -> None:
     s = make("a")
     started: dict[str, JobContext] = {}
     observed: list[bool] = []
@@ -237,8 +277,9 @@ async def _len_is(fetch: Callable[[], Any], n: int) -> bool:
 
 
 # -- continuity across leaders -------------------------------------------------------------------
-async def test_new_leader_keeps_phase_and_coalesces(make: Make, redis_client: Redis,
-                                                    namespace: str) -> None:  # fmt: skip
+async def test_new_leader_keeps_phase_and_coalesces(
+    make: Make, redis_client: Redis, namespace: str
+) -> None:
     keys = Keys(namespace)
     # A long outage of "digest" (every 1 s, 2 s grace): 30 fires were due meanwhile.
     outage_last = int(time.time() * 1000) - 30_500
@@ -272,6 +313,245 @@ async def test_new_leader_keeps_phase_and_coalesces(make: Make, redis_client: Re
     assert not [r for r in digest if r.status == "ok" and r.scheduled_ms < first_ok]
 
 
+# -- catching up after a long outage, in bounded time --------------------------------------------
+class CountingInterval(IntervalTrigger):  # type: ignore[misc]
+    calls = 0
+
+    def get_next_fire_time(self, previous: datetime | None, now: datetime) -> datetime | None:
+        self.calls += 1
+        return super().get_next_fire_time(previous, now)  # type: ignore[no-any-return]
+
+
+class CountingCron(CronTrigger):  # type: ignore[misc]
+    calls = 0
+
+    def get_next_fire_time(self, previous: datetime | None, now: datetime) -> datetime | None:
+        self.calls += 1
+        return super().get_next_fire_time(previous, now)  # type: ignore[no-any-return]
+
+
+async def max_loop_lag(done: asyncio.Event) -> float:
+    """The longest the event loop made a 5 ms sleep overrun, until ``done``."""
+    worst = 0.0
+    while not done.is_set():
+        t0 = time.monotonic()
+        await asyncio.sleep(0.005)
+        worst = max(worst, time.monotonic() - t0 - 0.005)
+    return worst
+
+
+async def test_catch_up_after_days_is_bounded_and_counts_what_it_skips(
+    make: Make, redis_client: Redis, namespace: str
+) -> None:
+    keys = Keys(namespace)
+    now_ms = int(time.time() * 1000)
+    # Last fires 2 days ago: a 10 ms interval job (17 million fires since) and a
+    # cron job every second (172,800 fires since).
+    fast_last = now_ms - 2 * 86_400_000
+    cron_last = (now_ms // 1000 - 2 * 86_400) * 1000
+    await redis_client.hset(keys.last_fire(), mapping={"fast": fast_last, "cron": cron_last})  # type: ignore[misc]
+    fast = CountingInterval(seconds=0.01, timezone=UTC)
+    cron = CountingCron(second="*", timezone=UTC)
+    s = make("a")
+    s.add_job(lambda: None, fast, id="fast")
+    s.add_job(lambda: None, cron, id="cron")
+    done = asyncio.Event()
+    lag = asyncio.create_task(max_loop_lag(done))
+    await s.start()
+
+    async def first_ok(job_id: str) -> RunRecord | None:
+        ok = [
+            r
+            for r in await runs(redis_client, namespace)
+            if r.job_id == job_id and r.status == "ok"
+        ]
+        return min(ok, key=lambda r: r.scheduled_ms, default=None)
+
+    fast_ok = await async_wait_until(lambda: first_ok("fast"), 15, message="fast runs")
+    cron_ok = await async_wait_until(lambda: first_ok("cron"), 15, message="cron runs")
+    done.set()
+    assert fast.calls < 100, f"{fast.calls} interval trigger calls: not arithmetic"
+    assert cron.calls < 2 * SCAN_LIMIT + 100, f"{cron.calls} cron trigger calls"
+    assert await lag < 0.3, "the event loop was blocked"
+    await s.stop()
+
+    history = await runs(redis_client, namespace)
+    fast_missed = sorted(
+        r.scheduled_ms for r in history if r.job_id == "fast" and r.status == "missed"
+    )
+    resumed = min(r.scheduled_ms for r in history if r.job_id == "fast" and r.status == "ok")
+    assert resumed == fast_ok.scheduled_ms and (resumed - fast_last) % 10 == 0, "phase kept"
+    before = [ms for ms in fast_missed if ms < resumed]
+    assert before == list(range(resumed - 200, resumed, 10)), "the latest 20"
+    skipped = (resumed - fast_last) // 10 - 1
+    assert skipped > 17_000_000
+    why = {
+        r.error
+        for r in history
+        if r.job_id == "fast" and r.status == "missed" and r.scheduled_ms < resumed
+    }
+    assert why == {f"coalesced into a later fire (one of {skipped} fires skipped)"}, why
+
+    cron_missed = sorted(
+        r.scheduled_ms for r in history if r.job_id == "cron" and r.status == "missed"
+    )
+    resumed = cron_ok.scheduled_ms
+    before = [ms for ms in cron_missed if ms < resumed]
+    assert before == list(range(resumed - 20_000, resumed, 1000)), "the latest 20"
+    (why_cron,) = {
+        r.error
+        for r in history
+        if r.job_id == "cron" and r.status == "missed" and r.scheduled_ms < resumed
+    }
+    bound = int(why_cron.split("at least ")[1].split()[0])
+    assert SCAN_LIMIT <= bound < (resumed - cron_last) // 1000 - 1, why_cron
+
+
+async def test_interval_catch_up_matches_the_trigger() -> None:
+    """The arithmetic resume point and skipped fires equal what the trigger computes."""
+    got: list[Skipped] = []
+    store = CatchUpJobStore(lambda _, skipped: got.append(skipped), keep=5)
+    scheduler = AsyncIOScheduler(timezone=UTC, jobstores={"default": store})
+    scheduler.start(paused=True)
+    now = datetime(2025, 3, 30, 1, 30, tzinfo=UTC)
+    for seconds, coalesce, grace in [(0.3, True, 1), (7.77, True, None), (0.3, False, 2)]:
+        trigger = IntervalTrigger(seconds=seconds, timezone="Europe/Paris")  # a DST change
+        first = now - timedelta(hours=3, microseconds=123_457)
+        job = scheduler.add_job(
+            lambda: None,
+            trigger,
+            id=f"j{seconds}{coalesce}",
+            next_run_time=first,
+            coalesce=coalesce,
+            misfire_grace_time=grace,
+        )
+        walked = [first]
+        while (t := trigger.get_next_fire_time(walked[-1], now)) <= now:
+            walked.append(t)
+        due = [t for t in walked if coalesce or (now - t).total_seconds() <= grace]
+        resume = due[-1] if coalesce else due[0]
+        got.clear()
+        assert store.get_due_jobs(now) == [job]
+        assert job.next_run_time == resume
+        before = walked[: walked.index(resume)]
+        assert got[0].count == len(before) and got[0].exact
+        assert list(got[0].latest) == before[-5:]
+        assert job._get_run_times(now) == walked[walked.index(resume) :][: 1 if coalesce else None]
+        store.remove_job(job.id)
+    scheduler.shutdown(wait=False)
+
+
+@pytest.mark.parametrize("kind", ["cron", "cron-no-coalesce", "or"])
+async def test_catch_up_of_other_triggers(kind: str) -> None:
+    """Cron far behind: resume where a full walk would, latest fires, a lower-bound count.
+    Other triggers: walked in slices across wakeups, count exact."""
+    got: list[Skipped] = []
+    store = CatchUpJobStore(lambda _, skipped: got.append(skipped), keep=5)
+    scheduler = AsyncIOScheduler(timezone=UTC, jobstores={"default": store})
+    scheduler.start(paused=True)
+    now = datetime(2025, 3, 30, 1, 30, 0, 500_000, tzinfo=UTC)
+    first = now - timedelta(hours=3)  # 10,800 fires of a cron every second
+    trigger = (
+        OrTrigger([CronTrigger(second="*/2"), CronTrigger(second="*/3")])
+        if kind == "or"
+        else CronTrigger(second="*", timezone="Europe/Paris")
+    )
+    first = trigger.get_next_fire_time(first, now)
+    coalesce = kind != "cron-no-coalesce"
+    job = scheduler.add_job(
+        lambda: None, trigger, next_run_time=first, coalesce=coalesce, misfire_grace_time=30
+    )
+    walked = [first]
+    while (t := trigger.get_next_fire_time(walked[-1], now)) <= now:
+        walked.append(t)
+    resume = walked[-1] if coalesce else next(t for t in walked if t >= now - timedelta(seconds=30))
+    slices = 1
+    while store.get_due_jobs(now) != [job]:
+        slices += 1
+    assert job.next_run_time == resume
+    before = walked[: walked.index(resume)]
+    (skipped,) = got
+    assert list(skipped.latest) == before[-5:]
+    if kind == "or":
+        assert slices == -(-len(before) // SCAN_LIMIT) and skipped.count == len(before)
+        assert skipped.exact
+    else:
+        assert slices == 1 and SCAN_LIMIT <= skipped.count < len(before)
+        assert not skipped.exact and "at least" in skipped.describe()
+    scheduler.shutdown(wait=False)
+
+
+# -- one job's claims stay in scheduled order, whatever overlaps --------------------------------
+async def test_claims_of_one_job_stay_ordered_with_overlapping_runs(
+    make: Make, redis_client: Redis, namespace: str
+) -> None:
+    keys = Keys(namespace)
+    # Catching up without coalescing: ~5 fires within grace run one after the other
+    # (0.25 s each) while later fires (every 0.1 s, up to 3 at once) are submitted.
+    last = int(time.time() * 1000) - 550
+    await redis_client.hset(keys.last_fire(), "slow", last)  # type: ignore[misc]
+
+    async def slow() -> None:
+        await asyncio.sleep(0.25)
+
+    s = make("a")
+    s.add_job(
+        slow,
+        "interval",
+        id="slow",
+        seconds=0.1,
+        coalesce=False,
+        max_instances=3,
+        misfire_grace_time=1,
+    )
+    await s.start()
+    await async_wait_until(lambda: s.stats.ok >= 10, 20, message="ten runs")
+    await s.stop()
+    assert s.stats.refused_already_claimed == 0, "a later fire was claimed before an earlier one"
+    history = [r for r in await runs(redis_client, namespace) if r.job_id == "slow"]
+    times = sorted(r.scheduled_ms for r in history)
+    assert len(times) == len(set(times))
+    assert times == list(range(last + 100, times[-1] + 1, 100)), "every fire ran or was missed"
+    first_batch = [ms for ms in times if ms <= last + 550]
+    assert {r.status for r in history if r.scheduled_ms in first_batch} == {"ok"}
+
+
+# -- a graceful stop runs what it already claimed ------------------------------------------------
+async def test_stop_runs_a_fire_whose_claim_was_in_flight(
+    redis_server: RedisServer | DockerRedisServer, namespace: str
+) -> None:
+    redis = create_redis(redis_server.url)
+    pauser = create_redis(redis_server.url)
+    settings = CoordinatorSettings(
+        namespace=namespace,
+        instance_id="a",
+        lease_ttl_ms=6000,
+        renew_interval_ms=500,
+        renew_deadline_ms=4000,
+        retry_period_ms=300,
+    )
+    s = LeaderScheduler(redis, settings)
+    ran: list[datetime] = []
+    at = datetime.now(UTC) + timedelta(seconds=3)  # leading well before it, even when loaded
+    s.add_job(lambda ctx: ran.append(ctx.scheduled_at), "date", id="once", run_date=at)
+    try:
+        await s.start()
+        await leader_of(s)
+        # Writes (the claim script among them) wait on the server for 1 s, so the
+        # claim is in flight when stop() begins; the lease still holds throughout.
+        await async_wait_until(lambda: datetime.now(UTC) > at - timedelta(seconds=0.2), 5)
+        await pauser.execute_command("CLIENT", "PAUSE", 1000, "WRITE")
+        await async_wait_until(lambda: s._runner.tasks, 5, message="the fire is being claimed")
+        await s.stop(timeout=5)
+        assert ran == [at]
+        (record,) = await RunHistory(redis, Keys(namespace), 10).recent(10)
+        assert (record.status, record.error, record.lost_leadership) == ("ok", None, False)
+    finally:
+        await s.stop()
+        await redis.aclose()
+        await pauser.aclose()
+
+
 # -- roles --------------------------------------------------------------------------------------
 async def test_api_role_never_runs_jobs(make: Make, redis_client: Redis, namespace: str) -> None:
     api, worker = make("api", role="api"), make("worker", role="worker")
@@ -281,7 +561,7 @@ async def test_api_role_never_runs_jobs(make: Make, redis_client: Redis, namespa
     await worker.start()
     await async_wait_until(lambda: worker.stats.ok >= 5, 10, message="the worker runs jobs")
     await worker.stop()  # the api process is now the only one left, and must not take over
-    await assert_never(lambda: api.is_leading or api.elector.terms_won, seconds=1.0)
+    await assert_never(lambda: api.is_leading or api.elector.stats.terms_won, seconds=1.0)
     assert api.stats.claimed == 0
     assert {r.instance_id for r in await runs(redis_client, namespace)} == {"worker"}
     assert [j["id"] for j in await api.list_jobs()] == ["tick"]

@@ -33,19 +33,31 @@ RUN_S = 20.0
 
 class SchedulerCluster:
     def __init__(self, url: str, namespace: str, date_ms: int) -> None:
-        self.env = {**FAST_ENV, "REDIS_URL": url, "COORDINATOR_NAMESPACE": namespace,
-                    "SCHED_EXTRA": "1", "SCHED_DATE_MS": str(date_ms), "SCHED_TICK_S": "0.5",
-                    "SCHED_TICK_WORK_S": "0.2"}  # fmt: skip
+        self.env = {
+            **FAST_ENV,
+            "REDIS_URL": url,
+            "COORDINATOR_NAMESPACE": namespace,
+            "SCHED_EXTRA": "1",
+            "SCHED_DATE_MS": str(date_ms),
+            "SCHED_TICK_S": "0.5",
+            "SCHED_TICK_WORK_S": "0.2",
+        }
         self.workers = [self.worker(f"pod-{pod}-{i}") for pod in "ab" for i in (1, 2, 3)]
-        self.api = Proc("tests.support.scheduler_jobs", name="api",
-                        env={**self.env, "COORDINATOR_INSTANCE_ID": "api",
-                             "COORDINATOR_ROLE": "api"})  # fmt: skip
+        self.api = Proc(
+            "tests.support.scheduler_jobs",
+            name="api",
+            env={**self.env, "COORDINATOR_INSTANCE_ID": "api", "COORDINATOR_ROLE": "api"},
+        )
         self.all = [*self.workers, self.api]
 
     def worker(self, instance_id: str) -> Proc:
-        return Proc("coordinator.cli", "worker", "tests.support.scheduler_jobs:build",
-                    env={**self.env, "COORDINATOR_INSTANCE_ID": instance_id,
-                         "COORDINATOR_ROLE": "worker"}, name=instance_id)  # fmt: skip
+        return Proc(
+            "coordinator.ops.cli",
+            "worker",
+            "tests.support.scheduler_jobs:build",
+            env={**self.env, "COORDINATOR_INSTANCE_ID": instance_id, "COORDINATOR_ROLE": "worker"},
+            name=instance_id,
+        )
 
     def starts(self, job: str = "tick") -> list[dict[str, Any]]:
         return [e for p in self.all for e in p.of("start") if e["job"] == job]
@@ -89,8 +101,12 @@ def test_six_workers_run_each_fire_once_through_kill_pause_and_handoff(
     c = cluster
     wait_for(lambda: all(p.of("ready") for p in c.all), 60, "all processes ready", c.all)
     first = c.leader()
-    wait_for(lambda: c.ticks_by(first) >= 6 and c.starts("date-once"), 30,
-             "ticks and the date job", c.all)  # fmt: skip
+    wait_for(
+        lambda: c.ticks_by(first) >= 6 and c.starts("date-once"),
+        30,
+        "ticks and the date job",
+        c.all,
+    )
     t_begin = min(e["t"] for e in c.starts())
 
     # 1. SIGKILL the leader in the middle of a run (a tick started, not ended).
@@ -112,8 +128,12 @@ def test_six_workers_run_each_fire_once_through_kill_pause_and_handoff(
     wait_for(lambda: c.ticks_by(third, stopped_at) >= 2, 20, "a new leader while paused", c.all)
     second.signal(signal.SIGCONT)
     resumed_at = time.monotonic()
-    wait_for(lambda: any(e["t"] > stopped_at for e in second.of("revoked")), 20,
-             "the paused leader to step down on waking", c.all)  # fmt: skip
+    wait_for(
+        lambda: any(e["t"] > stopped_at for e in second.of("revoked")),
+        20,
+        "the paused leader to step down on waking",
+        c.all,
+    )
     wait_for(lambda: c.ticks_by(third, resumed_at) >= 4, 20, "ticks after the resume", c.all)
 
     # 3. Graceful handoff: SIGTERM the leader.
@@ -122,8 +142,9 @@ def test_six_workers_run_each_fire_once_through_kill_pause_and_handoff(
     fourth = c.leader(termed_at, exclude=third)
     wait_for(lambda: c.ticks_by(fourth, termed_at) >= 2, 20, "ticks after the handoff", c.all)
     assert third.popen.wait(15) == 0
-    wait_for(lambda: max(e["t"] for e in c.starts()) - t_begin >= RUN_S, 40,
-             f"{RUN_S}s of ticks", c.all)  # fmt: skip
+    wait_for(
+        lambda: max(e["t"] for e in c.starts()) - t_begin >= RUN_S, 40, f"{RUN_S}s of ticks", c.all
+    )
     stop_all(c.all)
 
     records = history(redis_url, namespace)
@@ -147,9 +168,11 @@ def test_six_workers_run_each_fire_once_through_kill_pause_and_handoff(
 
     def near_failover(ms: int) -> bool:
         s = ms / 1000
-        return (killed_wall - 1 <= s <= killed_wall + 5
-                or stopped_wall - 1 <= s <= stopped_wall + (resumed_at - stopped_at) + 5
-                or term_wall - 1 <= s <= term_wall + 5)  # fmt: skip
+        return (
+            killed_wall - 1 <= s <= killed_wall + 5
+            or stopped_wall - 1 <= s <= stopped_wall + (resumed_at - stopped_at) + 5
+            or term_wall - 1 <= s <= term_wall + 5
+        )
 
     assert [ms for ms in not_run if not near_failover(ms)] == [], (not_run, missed)
     assert len(not_run) <= 16, not_run
@@ -165,10 +188,10 @@ def test_six_workers_run_each_fire_once_through_kill_pause_and_handoff(
     paused_term = {e["token"] for e in second.of("start") if e["t"] < stopped_at}
     assert len(paused_term) == 1
     stop_ms = stopped_wall * 1000 + 100
-    assert [e for e in second.of("start")
-            if e["token"] in paused_term and e["scheduled_ms"] > stop_ms] == []  # fmt: skip
-    assert [r for r in records
-            if r.fencing_token in paused_term and r.scheduled_ms > stop_ms] == []  # fmt: skip
+    assert [
+        e for e in second.of("start") if e["token"] in paused_term and e["scheduled_ms"] > stop_ms
+    ] == []
+    assert [r for r in records if r.fencing_token in paused_term and r.scheduled_ms > stop_ms] == []
     first_token = max(e["token"] for e in first.of("start"))
     third_tokens = {e["token"] for e in third.of("start") if e["t"] > stopped_at}
     assert first_token < min(paused_term) < min(third_tokens)
@@ -178,9 +201,27 @@ def test_six_workers_run_each_fire_once_through_kill_pause_and_handoff(
     assert cron and max(cron.values()) == 1 and all(ms % 1000 == 0 for ms in cron)
     assert len(c.starts("date-once")) == 1
     booms = [r for r in records if r.job_id == "boom" and r.status != "missed"]
-    assert booms and all(r.status == "error" and "RuntimeError: boom" in (r.error or "")
-                         for r in booms)  # fmt: skip
-    assert len(booms) >= 2 and min(r.scheduled_ms for r in booms) < max(started_ms)
+    # One exception to "every boom raised": a fire claimed just before the SIGSTOP. Its
+    # leader wakes up to a term that is over and records it cancelled, unrun. boom and
+    # tick share a phase and the pause follows a tick start, so that claim is often in
+    # flight. (A graceful SIGTERM, by contrast, runs what it claimed.)
+    claimed_then_paused = [
+        r
+        for r in booms
+        if r.status == "cancelled"
+        and r.error == "leadership lost between claim and start"
+        and r.lost_leadership
+        and r.fencing_token in paused_term
+        and r.scheduled_ms <= stop_ms
+    ]
+    assert len(claimed_then_paused) <= 1, claimed_then_paused
+    print(f"boom fires claimed just before the pause: {len(claimed_then_paused)}")
+    raised = [r for r in booms if r not in claimed_then_paused]
+    assert raised
+    assert [
+        r for r in raised if r.status != "error" or "RuntimeError: boom" not in (r.error or "")
+    ] == []
+    assert len(raised) >= 2 and min(r.scheduled_ms for r in raised) < max(started_ms)
 
     # The api process never ran anything and never led.
     assert c.api.of("start") == [] and c.api.of("elected") == []
@@ -189,9 +230,17 @@ def test_six_workers_run_each_fire_once_through_kill_pause_and_handoff(
 
 
 def test_cli_worker_refuses_the_api_role(redis_url: str, namespace: str) -> None:
-    proc = Proc("coordinator.cli", "worker", "tests.support.scheduler_jobs:build",
-                env={**FAST_ENV, "REDIS_URL": redis_url, "COORDINATOR_NAMESPACE": namespace,
-                     "COORDINATOR_ROLE": "api"})  # fmt: skip
+    proc = Proc(
+        "coordinator.ops.cli",
+        "worker",
+        "tests.support.scheduler_jobs:build",
+        env={
+            **FAST_ENV,
+            "REDIS_URL": redis_url,
+            "COORDINATOR_NAMESPACE": namespace,
+            "COORDINATOR_ROLE": "api",
+        },
+    )
     try:
         assert proc.popen.wait(30) == 2
         wait_for(lambda: "COORDINATOR_ROLE=worker" in proc.stderr_tail(), 5, "the error", [proc])
@@ -203,10 +252,19 @@ def test_cli_worker_refuses_the_api_role(redis_url: str, namespace: str) -> None
 def test_run_once_across_six_processes_with_failure_and_crash(
     redis_url: str, namespace: str
 ) -> None:
-    env = {**FAST_ENV, "REDIS_URL": redis_url, "COORDINATOR_NAMESPACE": namespace,
-           "ONCE_MARKER_TTL": "1.0", "ONCE_PROCS": "6"}  # fmt: skip
-    procs = [Proc("tests.support.once_proc", name=f"p{i}",
-                  env={**env, "COORDINATOR_INSTANCE_ID": f"p{i}"}) for i in range(6)]  # fmt: skip
+    env = {
+        **FAST_ENV,
+        "REDIS_URL": redis_url,
+        "COORDINATOR_NAMESPACE": namespace,
+        "ONCE_MARKER_TTL": "1.0",
+        "ONCE_PROCS": "6",
+    }
+    procs = [
+        Proc(
+            "tests.support.once_proc", name=f"p{i}", env={**env, "COORDINATOR_INSTANCE_ID": f"p{i}"}
+        )
+        for i in range(6)
+    ]
     try:
         ran = lambda name: [(p, e) for p in procs for e in p.of("ran") if e["name"] == name]  # noqa: E731
         crashed = wait_for(lambda: ran("crash"), 60, "the crash task's first runner", procs)
@@ -235,6 +293,5 @@ def test_run_once_across_six_processes_with_failure_and_crash(
     attempts = sorted(e["attempt"] for _, e in ran("crash"))
     assert attempts == [1, 2]
     second_runner = next(p.name for p, e in ran("crash") if e["attempt"] == 2)
-    crash_results = [e["result"] for p in survivors for e in p.of("result")
-                     if e["name"] == "crash"]  # fmt: skip
+    crash_results = [e["result"] for p in survivors for e in p.of("result") if e["name"] == "crash"]
     assert crash_results == [{"attempt": 2, "by": second_runner}] * 5

@@ -8,7 +8,7 @@ import pytest
 from redis.asyncio import Redis
 
 from coordinator import Keys, create_redis
-from coordinator.scripts import ACQUIRE, CHECK, READ_LEASE, RELEASE, RENEW, LuaScript
+from coordinator.store.scripts import ACQUIRE, CHECK, READ_LEASE, RELEASE, RENEW, LuaScript
 from coordinator.testing import RedisServer
 
 

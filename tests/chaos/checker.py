@@ -66,6 +66,14 @@ class History:
     """Ids of events whose publish was acknowledged, before any client had to receive them."""
     readiness: list[tuple[float, int | None]] = field(default_factory=list)
     """(t, HTTP status or None when the request failed) of /readyz polls."""
+    runtime_ops: list[dict[str, Any]] = field(default_factory=list)
+    """Acknowledged runtime job changes: ``{"op": "add"|"pause"|"remove", "job", "t"}``
+    (``t`` when the API answered), adds with ``"type"``, ``"run_ms"`` and ``"grace_s"``."""
+    runtime_listed: list[str] | None = None
+    """Runtime job ids ``GET /api/jobs`` listed at the end (None: not checked)."""
+    change_slack_s: float = 0.5
+    """How long after a pause or remove was acknowledged a fire claimed just before it may
+    still start (time the process was stopped not counted)."""
     tick_ms: int = 0
     hang_s: float = 5.0
     ready_detect_s: float = 5.0
@@ -113,8 +121,10 @@ def check_claims_fenced(h: History) -> list[str]:
         for ms in sorted(by_ms):
             token = by_ms[ms]
             if token < highest:
-                out.append(f"{job} fire at {ms} claimed by token {token} after token {highest} "
-                           f"claimed the fire at {at}")  # fmt: skip
+                out.append(
+                    f"{job} fire at {ms} claimed by token {token} after token {highest} "
+                    f"claimed the fire at {at}"
+                )
             elif token > highest:
                 highest, at = token, ms
     return out
@@ -128,8 +138,10 @@ def check_terms(h: History) -> list[str]:
     out += [f"token {t} elected {n} times" for t, n in Counter(tokens).items() if n > 1]
     for a, b in itertools.pairwise(elected):
         if b["token"] <= a["token"]:
-            out.append(f"term {b['token']} ({b['proc']}) began after term {a['token']} "
-                       f"({a['proc']}) but has a lower or equal token")  # fmt: skip
+            out.append(
+                f"term {b['token']} ({b['proc']}) began after term {a['token']} "
+                f"({a['proc']}) but has a lower or equal token"
+            )
     for p in h.procs:
         revoked_at: dict[int, float] = {}
         own: set[int] = set()
@@ -140,12 +152,16 @@ def check_terms(h: History) -> list[str]:
                 revoked_at.setdefault(e["token"], e["t"])
             elif e["event"] == "start":
                 if e["token"] not in own:
-                    out.append(f"{p.name} started {e['scheduled_ms']} with token {e['token']} "
-                               "it was never elected with")  # fmt: skip
+                    out.append(
+                        f"{p.name} started {e['scheduled_ms']} with token {e['token']} "
+                        "it was never elected with"
+                    )
                 if e["token"] in revoked_at:
-                    out.append(f"{p.name} started the fire at {e['scheduled_ms']} "
-                               f"{e['t'] - revoked_at[e['token']]:.3f}s after term "
-                               f"{e['token']} was revoked")  # fmt: skip
+                    out.append(
+                        f"{p.name} started the fire at {e['scheduled_ms']} "
+                        f"{e['t'] - revoked_at[e['token']]:.3f}s after term "
+                        f"{e['token']} was revoked"
+                    )
     return out
 
 
@@ -173,10 +189,78 @@ def failover_times(h: History) -> list[float]:
 
 
 def check_failovers(h: History, limit_s: float) -> list[str]:
-    return [f"fault {f.kind} at {f.start:.2f}: no new term ran a fire within {limit_s}s"
-            f" (took {s:.2f}s)" for f, s in zip([f for f in h.faults if f.displaces_leader],
-                                               failover_times(h), strict=True)
-            if s > limit_s]  # fmt: skip
+    return [
+        f"fault {f.kind} at {f.start:.2f}: no new term ran a fire within {limit_s}s (took {s:.2f}s)"
+        for f, s in zip([f for f in h.faults if f.displaces_leader], failover_times(h), strict=True)
+        if s > limit_s
+    ]
+
+
+# -- runtime jobs -----------------------------------------------------------------------
+def runtime_missed(h: History) -> int:
+    """Runtime date jobs recorded ``missed`` (their grace ran out before a leader ran them)."""
+    added = {o["job"] for o in h.runtime_ops if o["op"] == "add"}
+    return sum(1 for r in h.runs if r["status"] == "missed" and r["job_id"] in added)
+
+
+def check_runtime_jobs(h: History) -> list[str]:
+    """Runtime jobs changed through the API while leaders fail:
+
+    - a date job neither paused nor removed runs once or is recorded ``missed``, never
+      neither (a lost definition); it starts within its grace of its ``run_date``; it is
+      recorded ``missed`` only if its grace is shorter than the longest failover;
+    - no fire of a job starts after its pause or removal was acknowledged (beyond
+      ``change_slack_s`` of running time of the process that started it);
+    - at the end the list holds exactly the jobs that should remain: paused date jobs
+      that did not run, and interval jobs not removed.
+    """
+    out: list[str] = []
+    procs = {p.name: p for p in h.procs}
+    starts: dict[str, list[Event]] = {}
+    for e in h.events("start"):
+        starts.setdefault(e["job"], []).append(e)
+    missed: dict[str, int] = Counter(r["job_id"] for r in h.runs if r["status"] == "missed")
+    longest = max((t for t in failover_times(h) if t != float("inf")), default=0.0)
+    adds = {o["job"]: o for o in h.runtime_ops if o["op"] == "add"}
+    stopped_at = {o["job"]: o for o in h.runtime_ops if o["op"] in ("pause", "remove")}
+    expected_listed: set[str] = set()
+    for job, add in adds.items():
+        ran = starts.get(job, [])
+        change = stopped_at.get(job)
+        if change is not None:
+            for e in ran:
+                pauses = procs[e["proc"]].paused if e["proc"] in procs else []
+                held = sum(max(0.0, min(e["t"], pe) - max(change["t"], ps)) for ps, pe in pauses)
+                if e["t"] - change["t"] - held > h.change_slack_s:
+                    out.append(
+                        f"runtime job {job} started {e['t'] - change['t']:.2f}s after its "
+                        f"{change['op']} was acknowledged"
+                    )
+            if change["op"] == "pause" and (add["type"] != "date" or not (ran or missed[job])):
+                expected_listed.add(job)
+            continue
+        if add["type"] != "date":
+            expected_listed.add(job)
+            continue
+        if len(ran) + missed[job] == 0:
+            out.append(f"runtime date job {job} never ran and was not recorded missed: lost")
+        for e in ran:
+            late_s = (e["wall_ms"] - add["run_ms"]) / 1000
+            if late_s > add["grace_s"] + h.change_slack_s:
+                out.append(
+                    f"runtime date job {job} started {late_s:.2f}s late, beyond its "
+                    f"grace of {add['grace_s']}s"
+                )
+        if missed[job] and add["grace_s"] > longest:
+            out.append(
+                f"runtime date job {job} was recorded missed though its grace "
+                f"({add['grace_s']}s) is longer than the longest failover ({longest:.2f}s)"
+            )
+    if h.runtime_listed is not None:
+        listed = set(h.runtime_listed)
+        out += [f"runtime job {j} is gone from the list: lost" for j in expected_listed - listed]
+        out += [f"runtime job {j} is still listed" for j in sorted(listed - expected_listed)]
+    return out
 
 
 # -- processes ------------------------------------------------------------------------
@@ -208,8 +292,11 @@ def check_readiness(h: History) -> list[str]:
         inside = [(t, s) for t, s in h.readiness if f.start + h.ready_detect_s <= t <= f.end]
         if not inside:
             out.append(f"no readiness sample while {f.kind} made Redis unreachable")
-        out += [f"/readyz answered {s} at +{t - f.start:.2f}s while Redis was unreachable "
-                f"({f.kind})" for t, s in inside if s != 503]  # fmt: skip
+        out += [
+            f"/readyz answered {s} at +{t - f.start:.2f}s while Redis was unreachable ({f.kind})"
+            for t, s in inside
+            if s != 503
+        ]
     for t, s in h.readiness:
         if any(f.start <= t <= f.end + h.ready_recover_s for f in windows):
             continue
@@ -252,8 +339,10 @@ def sse_losses(h: History, client: ClientLog) -> tuple[list[str], int]:
         if not announced:
             out.append(f"{client.name} never received {pid} and got no reset for it")
         elif client.replay_ok:
-            out.append(f"{client.name} lost {pid} (with a reset) though it reconnected within "
-                       "the replay window")  # fmt: skip
+            out.append(
+                f"{client.name} lost {pid} (with a reset) though it reconnected within "
+                "the replay window"
+            )
         lost += 1
     return out, lost
 
@@ -266,10 +355,15 @@ def check_sse(h: History) -> list[str]:
 def check(h: History, failover_limit_s: float = 15.0) -> list[str]:
     """Every invariant violation in ``h`` (empty: correct)."""
     return [
-        *check_fires_once(h), *check_claims_fenced(h), *check_terms(h),
-        *check_failovers(h, failover_limit_s), *check_processes(h), *check_readiness(h),
+        *check_fires_once(h),
+        *check_claims_fenced(h),
+        *check_terms(h),
+        *check_failovers(h, failover_limit_s),
+        *check_processes(h),
+        *check_readiness(h),
         *check_sse(h),
-    ]  # fmt: skip
+        *check_runtime_jobs(h),
+    ]
 
 
 def measure(h: History) -> dict[str, Any]:
@@ -279,7 +373,7 @@ def measure(h: History) -> dict[str, Any]:
     return {
         "failovers": len(h.events("elected")) - 1 if h.events("elected") else 0,
         "duplicate_fires": sum(n - 1 for n in starts.values() if n > 1),
-        "missed_fires": missed_fires(h),
+        "missed_fires": missed_fires(h) + runtime_missed(h),
         "lost_events": sum(sse_losses(h, c)[1] for c in h.clients),
         "max_failover_s": max(times, default=None),
     }

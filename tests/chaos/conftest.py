@@ -18,8 +18,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SUMMARY_PATH = ROOT / "test-output" / "chaos-summary.md"
-COLUMNS = ("scenario", "rounds", "failovers", "duplicate fires", "missed fires", "lost events",
-           "max failover (s)", "violations")  # fmt: skip
+COLUMNS = (
+    "scenario",
+    "rounds",
+    "failovers",
+    "duplicate fires",
+    "missed fires",
+    "lost events",
+    "max failover (s)",
+    "violations",
+)
 
 _rows: dict[str, dict[str, Any]] = {}
 _started = time.monotonic()
@@ -41,9 +49,18 @@ def chaos_seed(request: pytest.FixtureRequest) -> int:
 
 def record(scenario: str, rounds: int, measured: dict[str, Any], violations: int) -> None:
     """Add one run's numbers to the session's summary row for ``scenario``."""
-    row = _rows.setdefault(scenario, {"rounds": 0, "failovers": 0, "duplicate_fires": 0,
-                                      "missed_fires": 0, "lost_events": 0,
-                                      "max_failover_s": None, "violations": 0})  # fmt: skip
+    row = _rows.setdefault(
+        scenario,
+        {
+            "rounds": 0,
+            "failovers": 0,
+            "duplicate_fires": 0,
+            "missed_fires": 0,
+            "lost_events": 0,
+            "max_failover_s": None,
+            "violations": 0,
+        },
+    )
     row["rounds"] += rounds
     for key in ("failovers", "duplicate_fires", "missed_fires", "lost_events"):
         row[key] += measured.get(key) or 0
@@ -57,8 +74,16 @@ def table() -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for name, r in _rows.items():
         worst = "-" if r["max_failover_s"] is None else f"{r['max_failover_s']:.2f}"
-        cells = [name, r["rounds"], r["failovers"], r["duplicate_fires"], r["missed_fires"],
-                 r["lost_events"], worst, r["violations"]]  # fmt: skip
+        cells = [
+            name,
+            r["rounds"],
+            r["failovers"],
+            r["duplicate_fires"],
+            r["missed_fires"],
+            r["lost_events"],
+            worst,
+            r["violations"],
+        ]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines)
 

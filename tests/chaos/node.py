@@ -1,14 +1,15 @@
 """Chaos child process: one LeaderScheduler node that records what it did.
 
 Usage: ``python -m tests.chaos.node`` with ``REDIS_URL`` (usually a
-:class:`~coordinator.faults.TcpProxy` of this node's group),
+:class:`~coordinator.testing.faults.TcpProxy` of this node's group),
 ``COORDINATOR_NAMESPACE``, ``COORDINATOR_INSTANCE_ID`` and the timing settings
 in the environment; ``CHAOS_TICK_S`` is the interval of the ``tick`` job.
 
 History lines (JSON on stdout, see :func:`tests.support.procs.emit`):
 ``ready``; ``elected`` / ``revoked`` with the term's fencing token (emitted
 before the scheduler reacts, so a start after ``revoked`` is a real violation);
-``start`` / ``end`` of every fire with its scheduled time and token;
+``start`` / ``end`` of every fire with its scheduled time and token (the task
+``note``, which runtime jobs name, adds ``wall_ms``, the wall clock at the start);
 ``beat`` every 0.25 s (a node that stops beating without being paused hung);
 ``stopped`` on SIGTERM.
 """
@@ -19,10 +20,11 @@ import asyncio
 import contextlib
 import os
 import signal
+import time
 
 from coordinator import CoordinatorSettings, JobContext, LeaderElector, LeaderScheduler
-from coordinator.connection import create_redis
-from coordinator.runs import dt_to_ms
+from coordinator.clock import datetime_to_ms as dt_to_ms
+from coordinator.store.connection import create_redis
 
 from ..support.procs import emit
 
@@ -46,11 +48,32 @@ async def main() -> None:
     scheduler = LeaderScheduler(redis, settings, elector=elector)
 
     async def tick(ctx: JobContext) -> None:
-        emit("start", job=ctx.job_id, scheduled_ms=dt_to_ms(ctx.scheduled_at),
-             token=ctx.fencing_token, instance_id=me)  # fmt: skip
+        emit(
+            "start",
+            job=ctx.job_id,
+            scheduled_ms=dt_to_ms(ctx.scheduled_at),
+            token=ctx.fencing_token,
+            instance_id=me,
+        )
         await asyncio.sleep(0.02)
-        emit("end", job=ctx.job_id, scheduled_ms=dt_to_ms(ctx.scheduled_at),
-             token=ctx.fencing_token, instance_id=me)  # fmt: skip
+        emit(
+            "end",
+            job=ctx.job_id,
+            scheduled_ms=dt_to_ms(ctx.scheduled_at),
+            token=ctx.fencing_token,
+            instance_id=me,
+        )
+
+    @scheduler.task("note")
+    async def note(ctx: JobContext, text: str = "") -> None:
+        emit(
+            "start",
+            job=ctx.job_id,
+            scheduled_ms=dt_to_ms(ctx.scheduled_at),
+            wall_ms=time.time() * 1000,
+            token=ctx.fencing_token,
+            instance_id=me,
+        )
 
     scheduler.add_job(tick, "interval", id="tick", seconds=float(os.environ["CHAOS_TICK_S"]))
     stop = asyncio.Event()

@@ -1,5 +1,5 @@
 """A cluster of scheduler nodes (``tests.chaos.node``) in groups, each group behind its
-own :class:`~coordinator.faults.TcpProxy`, and the faults the scenarios inject.
+own :class:`~coordinator.testing.faults.TcpProxy`, and the faults the scenarios inject.
 
 Every fault waits on conditions with deadlines and returns a
 :class:`~tests.chaos.checker.Fault` for the checker. ``history()`` gathers the
@@ -17,7 +17,7 @@ from typing import Any
 import redis as redis_sync
 
 from coordinator import Keys
-from coordinator.faults import TcpProxy
+from coordinator.testing import TcpProxy
 
 from ..support.procs import Proc, wait_for
 from .checker import Fault, History, ProcRecord
@@ -37,9 +37,15 @@ class NodeCluster:
     """``groups`` x ``per_group`` scheduler nodes; group ``g`` reaches Redis through
     ``proxies[g]`` (or, with ``direct_url``, every node uses that URL: Sentinel)."""
 
-    def __init__(self, redis_port: int | None, namespace: str, groups: int = 2,
-                 per_group: int = 2, direct_url: str | None = None,
-                 env: dict[str, str] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        redis_port: int | None,
+        namespace: str,
+        groups: int = 2,
+        per_group: int = 2,
+        direct_url: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.namespace = namespace
         self.env = env or {}
         self.redis_port = redis_port
@@ -61,9 +67,14 @@ class NodeCluster:
 
     def spawn(self, group: int) -> Proc:
         name = f"g{group}-n{next(self._ids)}"
-        env = {**TIMING, "REDIS_URL": self.url(group), "COORDINATOR_NAMESPACE": self.namespace,
-               "COORDINATOR_INSTANCE_ID": name, "CHAOS_TICK_S": str(TICK_S),
-               **self.env}  # fmt: skip
+        env = {
+            **TIMING,
+            "REDIS_URL": self.url(group),
+            "COORDINATOR_NAMESPACE": self.namespace,
+            "COORDINATOR_INSTANCE_ID": name,
+            "CHAOS_TICK_S": str(TICK_S),
+            **self.env,
+        }
         proc = Proc("tests.chaos.node", env=env, name=name)
         self.procs[name] = proc
         self.group_of[name] = group
@@ -88,8 +99,11 @@ class NodeCluster:
     def wait_fire(self, above: int, timeout: float = FAILOVER_LIMIT_S + 10) -> dict[str, Any]:
         """The first fire started by a term with a token above ``above``."""
         found: dict[str, Any] = wait_for(
-            lambda: next((e for e in self.starts() if e["token"] > above), None), timeout,
-            f"a fire by a term above {above}", self.all)  # fmt: skip
+            lambda: next((e for e in self.starts() if e["token"] > above), None),
+            timeout,
+            f"a fire by a term above {above}",
+            self.all,
+        )
         return found
 
     def leader(self) -> Proc:
@@ -100,8 +114,9 @@ class NodeCluster:
     def wait_ticks(self, n: int = 3) -> None:
         """``n`` more fires after now, so each fault starts from a working cluster."""
         t0 = time.monotonic()
-        wait_for(lambda: sum(1 for e in self.starts() if e["t"] > t0) >= n, 20,
-                 f"{n} fires", self.all)  # fmt: skip
+        wait_for(
+            lambda: sum(1 for e in self.starts() if e["t"] > t0) >= n, 20, f"{n} fires", self.all
+        )
 
     # -- faults -------------------------------------------------------------------
     def sigkill_leader(self) -> Fault:
@@ -123,8 +138,12 @@ class NodeCluster:
         resumed = time.monotonic()
         leader.signal(signal.SIGCONT)
         self.records[leader.name].paused.append((start, resumed))
-        wait_for(lambda: any(e["t"] > start for e in leader.of("revoked")), 15,
-                 "the paused leader to step down", self.all)  # fmt: skip
+        wait_for(
+            lambda: any(e["t"] > start for e in leader.of("revoked")),
+            15,
+            "the paused leader to step down",
+            self.all,
+        )
         return self._add(Fault("sigstop", start, time.monotonic()))
 
     def partition_leader(self) -> Fault:
@@ -135,8 +154,12 @@ class NodeCluster:
         proxy.blackhole()
         try:
             self.wait_fire(top)
-            wait_for(lambda: any(e["t"] > start for e in leader.of("revoked")), 15,
-                     "the partitioned leader to step down", self.all)  # fmt: skip
+            wait_for(
+                lambda: any(e["t"] > start for e in leader.of("revoked")),
+                15,
+                "the partitioned leader to step down",
+                self.all,
+            )
         finally:
             proxy.heal()
         return self._add(Fault("partition", start, time.monotonic()))
@@ -184,5 +207,9 @@ class NodeCluster:
             runs = [json.loads(raw) for raw in client.lrange(Keys(self.namespace).runs(), 0, -1)]
         finally:
             client.close()
-        return History(procs=list(self.records.values()), runs=runs, faults=self.faults,
-                       tick_ms=int(TICK_S * 1000))  # fmt: skip
+        return History(
+            procs=list(self.records.values()),
+            runs=runs,
+            faults=self.faults,
+            tick_ms=int(TICK_S * 1000),
+        )

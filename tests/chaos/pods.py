@@ -12,7 +12,7 @@ import time
 
 import httpx
 
-from coordinator.faults import TcpProxy
+from coordinator.testing import TcpProxy
 
 from ..support.app_cluster import HOST, AppCluster
 from ..support.reconnecting_client import ReconnectingClient
@@ -26,15 +26,29 @@ class Pods:
     """``n`` pods of the demo; pod ``i`` reaches Redis through ``proxies[i]`` (or all use
     ``direct_url``)."""
 
-    def __init__(self, redis_port: int | None, namespace: str, n: int = 2, workers: int = 2,
-                 env: dict[str, str] | None = None,
-                 direct_url: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        redis_port: int | None,
+        namespace: str,
+        n: int = 2,
+        workers: int = 2,
+        env: dict[str, str] | None = None,
+        direct_url: str | None = None,
+    ) -> None:
         self.proxies: list[TcpProxy] = []
         if direct_url is None and redis_port is not None:
             self.proxies = [TcpProxy("127.0.0.1", redis_port).start() for _ in range(n)]
         urls = [direct_url] * n if direct_url else [p.url for p in self.proxies]
-        self.pods = [AppCluster(url or "", namespace, workers=workers, app="app.main:app",
-                                  env={**POD_ENV, **(env or {})}) for url in urls]  # fmt: skip
+        self.pods = [
+            AppCluster(
+                url or "",
+                namespace,
+                workers=workers,
+                app="app.main:app",
+                env={**POD_ENV, **(env or {})},
+            )
+            for url in urls
+        ]
         self.faults: list[Fault] = []
         self.readiness: list[tuple[float, int | None]] = []
         self.clients: list[ReconnectingClient] = []
@@ -49,13 +63,15 @@ class Pods:
     async def open_clients(self, channel: str, n: int, pods: list[int] | None = None) -> None:
         for i in range(n):
             pod = (pods or list(range(len(self.pods))))[i % len(pods or self.pods)]
-            client = ReconnectingClient(f"client{i}@pod{pod}", self.port(pod),
-                                        f"/api/channels/{channel}/events")  # fmt: skip
+            client = ReconnectingClient(
+                f"client{i}@pod{pod}", self.port(pod), f"/api/channels/{channel}/events"
+            )
             self.clients.append(client)
             await client.start()
 
-    async def publish(self, channel: str, seq: int, pods: list[int] | None = None,
-                      timeout: float = 30) -> str:  # fmt: skip
+    async def publish(
+        self, channel: str, seq: int, pods: list[int] | None = None, timeout: float = 30
+    ) -> str:
         """POST one event to the first pod (of ``pods``) that accepts it; log its id."""
         order = pods or list(range(len(self.pods)))
         deadline = time.monotonic() + timeout
@@ -64,7 +80,8 @@ class Pods:
                 async with httpx.AsyncClient(timeout=3) as http:
                     response = await http.post(
                         f"http://{HOST}:{self.port(i)}/api/channels/{channel}/events",
-                        json={"data": {"seq": seq}})  # fmt: skip
+                        json={"data": {"seq": seq}},
+                    )
                 if response.status_code == 202:
                     event_id: str = response.json()["id"]
                     self.published.append(event_id)
@@ -97,8 +114,10 @@ class Pods:
             if time.monotonic() > deadline:
                 worst = short[0]
                 missing = sorted(want - worst.ids())[:5]
-                raise AssertionError(f"{len(short)} clients short, e.g. {worst.name} misses "
-                                     f"{missing}; log tail {worst.entries[-6:]}")  # fmt: skip
+                raise AssertionError(
+                    f"{len(short)} clients short, e.g. {worst.name} misses "
+                    f"{missing}; log tail {worst.entries[-6:]}"
+                )
             await asyncio.sleep(0.05)
 
     async def stop(self) -> list[ProcRecord]:
@@ -107,14 +126,18 @@ class Pods:
         records = []
         for i, pod in enumerate(self.pods):
             code, _ = pod.stop()
-            records.append(ProcRecord(f"pod{i}", [], exit_code=code,
-                                      stderr=pod.proc.stderr_tail(400)))  # fmt: skip
+            records.append(
+                ProcRecord(f"pod{i}", [], exit_code=code, stderr=pod.proc.stderr_tail(400))
+            )
         for proxy in self.proxies:
             proxy.stop()
         return records
 
     def history(self, procs: list[ProcRecord], replay_ok: bool = True) -> History:
-        return History(procs=procs, faults=self.faults, published=list(self.published),
-                       readiness=self.readiness,
-                       clients=[ClientLog(c.name, c.entries, replay_ok)
-                                for c in self.clients])  # fmt: skip
+        return History(
+            procs=procs,
+            faults=self.faults,
+            published=list(self.published),
+            readiness=self.readiness,
+            clients=[ClientLog(c.name, c.entries, replay_ok) for c in self.clients],
+        )

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from coordinator.errors import EventTooLargeError, InvalidEventError, InvalidEventIdError
-from coordinator.events import (
+from coordinator.relay.events import (
     EventId,
     decode_envelope,
     encode_envelope,
@@ -27,11 +27,14 @@ EVENT = st.from_regex(r"[A-Za-z][A-Za-z0-9._:-]{0,63}", fullmatch=True).filter(
     lambda e: e != "reset"
 )
 JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(),
     lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(), inner, max_size=5),
     max_leaves=30,
-)  # fmt: skip
+)
 
 
 @given(U64, U64)

@@ -11,7 +11,7 @@ import redis as redis_sync
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from coordinator.faults import TcpProxy
+from coordinator.testing import TcpProxy
 
 
 @pytest.fixture
@@ -21,9 +21,13 @@ def proxy(redis_server: Any) -> Iterator[TcpProxy]:
 
 
 def client(proxy: TcpProxy, timeout: float = 2.0) -> redis_sync.Redis:
-    return redis_sync.Redis(host=proxy.host, port=proxy.port, socket_timeout=timeout,
-                            socket_connect_timeout=timeout,
-                            retry=Retry(NoBackoff(), 1))  # fmt: skip
+    return redis_sync.Redis(
+        host=proxy.host,
+        port=proxy.port,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 1),
+    )
 
 
 def test_forwards_and_delays(proxy: TcpProxy) -> None:

@@ -13,15 +13,14 @@ import pytest
 
 from coordinator import CoordinatorSettings, EventRelay
 from coordinator.errors import RedisUnavailableError
-from coordinator.testing_topologies import SentinelCluster
+from coordinator.testing.topologies import SentinelCluster
 
 
 def conf(url: str, namespace: str, **values: object) -> CoordinatorSettings:
     return CoordinatorSettings(redis_url=url, namespace=namespace, **values)  # type: ignore[arg-type]
 
 
-async def test_unreplicated_publish_is_refused(redis_url: str,
-                                               namespace: str) -> None:  # fmt: skip
+async def test_unreplicated_publish_is_refused(redis_url: str, namespace: str) -> None:
     relay = EventRelay(conf(redis_url, namespace, min_replicas=1, replica_timeout_ms=50))
     try:
         with pytest.raises(RedisUnavailableError, match="0 of 1 replicas confirmed"):

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import redis as redis_sync
 
-from coordinator.faults import TcpProxy
+from coordinator.testing import TcpProxy
 
 from ..support.reconnecting_client import ReconnectingClient
 from .checker import Fault, check, measure
@@ -27,8 +27,9 @@ from .pods import Pods
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(600)]
 
 
-async def finish(pods: Pods, scenario: str, rounds: int, replay_ok: bool = True,
-                 detect_s: float = 4.0) -> None:  # fmt: skip
+async def finish(
+    pods: Pods, scenario: str, rounds: int, replay_ok: bool = True, detect_s: float = 4.0
+) -> None:
     try:
         await pods.wait_delivered(60)
     finally:
@@ -40,13 +41,15 @@ async def finish(pods: Pods, scenario: str, rounds: int, replay_ok: bool = True,
     measured["failovers"] = sum(1 for f in pods.faults if f.displaces_leader)
     record(scenario, rounds, measured, len(violations))
     reconnects = sum(c.reconnects for c in pods.clients)
-    print(f"{scenario}: {measured}, published {len(pods.published)}, client reconnects "
-          f"{reconnects}")  # fmt: skip
+    print(
+        f"{scenario}: {measured}, published {len(pods.published)}, client reconnects {reconnects}"
+    )
     assert violations == [], "\n".join(violations[:20])
 
 
-async def publish_many(pods: Pods, channel: str, first: int, n: int, concurrency: int = 4,
-                       pace: float = 0.0) -> None:  # fmt: skip
+async def publish_many(
+    pods: Pods, channel: str, first: int, n: int, concurrency: int = 4, pace: float = 0.0
+) -> None:
     seqs = iter(range(first, first + n))
 
     async def worker() -> None:
@@ -58,8 +61,16 @@ async def publish_many(pods: Pods, channel: str, first: int, n: int, concurrency
     await asyncio.gather(*(worker() for _ in range(concurrency)))
 
 
-async def fault_during_bursts(pods: Pods, channel: str, rounds: int, size: int, fault: str,
-                              inject: Any, lead_s: float, pace: float = 0.0) -> None:  # fmt: skip
+async def fault_during_bursts(
+    pods: Pods,
+    channel: str,
+    rounds: int,
+    size: int,
+    fault: str,
+    inject: Any,
+    lead_s: float,
+    pace: float = 0.0,
+) -> None:
     """Each round: start a burst of ``size`` publishes, ``lead_s`` later run the blocking
     ``inject()`` (recorded as a fault that does not displace the leader), finish the burst."""
     for r in range(rounds):
@@ -76,8 +87,9 @@ def kill_listeners(url: str) -> int:
         return int(r.client_kill_filter(_type="pubsub"))
 
 
-async def test_client_kill_of_pubsub_listeners(redis_server: Any, namespace: str,
-                                               chaos_rounds: int) -> None:  # fmt: skip
+async def test_client_kill_of_pubsub_listeners(
+    redis_server: Any, namespace: str, chaos_rounds: int
+) -> None:
     pods = Pods(redis_server.port, namespace)
     await pods.wait_ready()
     await pods.open_clients("kill", 6)
@@ -91,8 +103,9 @@ async def test_client_kill_of_pubsub_listeners(redis_server: Any, namespace: str
     await finish(pods, "relay: CLIENT KILL pubsub", chaos_rounds)
 
 
-async def test_slow_consumer_is_cut_and_replays(redis_server: Any, namespace: str,
-                                                chaos_rounds: int) -> None:  # fmt: skip
+async def test_slow_consumer_is_cut_and_replays(
+    redis_server: Any, namespace: str, chaos_rounds: int
+) -> None:
     """A client whose network stalls (its own proxy blackholed) overflows its queue, is
     cut, and replays from its Last-Event-ID; the fast clients are not held back."""
     pods = Pods(redis_server.port, namespace, env={"COORDINATOR_RELAY_CLIENT_QUEUE": "16"})
@@ -111,12 +124,16 @@ async def test_slow_consumer_is_cut_and_replays(redis_server: Any, namespace: st
                 event_id = await _publish_padded(pods, seq, pad)
                 pods.published.append(event_id)
             fast = [c for c in pods.clients if c is not slow]
-            await _wait(lambda fast=fast: all(c.ids() >= set(pods.published) for c in fast), 30,
-                        "fast clients got the burst while one client stalled")  # fmt: skip
+            await _wait(
+                lambda fast=fast: all(c.ids() >= set(pods.published) for c in fast),
+                30,
+                "fast clients got the burst while one client stalled",
+            )
             stall.heal()
             await _wait(lambda b=before: slow.reconnects > b, 30, "the slow client to be cut")
-            pods.faults.append(Fault("slow-consumer", start, time.monotonic(),
-                                     displaces_leader=False))  # fmt: skip
+            pods.faults.append(
+                Fault("slow-consumer", start, time.monotonic(), displaces_leader=False)
+            )
         await finish(pods, "relay: slow consumer", chaos_rounds)
 
 
@@ -124,8 +141,10 @@ async def _publish_padded(pods: Pods, seq: int, pad: str) -> str:
     import httpx
 
     async with httpx.AsyncClient(timeout=10) as http:
-        response = await http.post(f"http://127.0.0.1:{pods.port(seq)}/api/channels/slow/events",
-                                   json={"data": {"seq": seq, "pad": pad}})  # fmt: skip
+        response = await http.post(
+            f"http://127.0.0.1:{pods.port(seq)}/api/channels/slow/events",
+            json={"data": {"seq": seq, "pad": pad}},
+        )
     assert response.status_code == 202, response.text
     event_id: str = response.json()["id"]
     return event_id
@@ -139,8 +158,9 @@ async def _wait(predicate: Any, timeout: float, what: str) -> None:
         await asyncio.sleep(0.05)
 
 
-async def test_partition_of_one_pod_readiness_and_catch_up(redis_server: Any, namespace: str,
-                                                           chaos_rounds: int) -> None:  # fmt: skip
+async def test_partition_of_one_pod_readiness_and_catch_up(
+    redis_server: Any, namespace: str, chaos_rounds: int
+) -> None:
     """Blackhole pod 0's Redis: its /readyz says 503 (after a detection delay) while pod 1
     keeps publishing; after the heal pod 0 is ready again and its clients catch up."""
     pods = Pods(redis_server.port, namespace)
@@ -157,44 +177,55 @@ async def test_partition_of_one_pod_readiness_and_catch_up(redis_server: Any, na
         while time.monotonic() - start < 6:
             await pods.publish("part", seq := seq + 1, pods=[1])
             await asyncio.sleep(0.05)
-        pods.faults.append(Fault("partition", start, time.monotonic(), displaces_leader=False,
-                                 unreachable=True))  # fmt: skip
+        pods.faults.append(
+            Fault("partition", start, time.monotonic(), displaces_leader=False, unreachable=True)
+        )
         pods.proxies[0].heal()
         for _ in range(10):
             await pods.publish("part", seq := seq + 1)
     await asyncio.sleep(0)  # readiness keeps being sampled while clients catch up
     await pods.wait_delivered(60)
     healed = time.monotonic()
-    await _wait(lambda: any(t > healed and s == 200 for t, s in pods.readiness), 30,
-                "pod 0 ready again")  # fmt: skip
+    await _wait(
+        lambda: any(t > healed and s == 200 for t, s in pods.readiness), 30, "pod 0 ready again"
+    )
     stop.set()
     await poller
     await finish(pods, "relay: partition of a pod", chaos_rounds)
 
 
-async def test_redis_restart_with_data_loss_under_a_burst(redis_server: Any, namespace: str,
-                                                          chaos_rounds: int) -> None:  # fmt: skip
+async def test_redis_restart_with_data_loss_under_a_burst(
+    redis_server: Any, namespace: str, chaos_rounds: int
+) -> None:
     """Redis dies and comes back empty while events are published: every acknowledged
     event reaches every client once, in order, or the loss is announced with reset."""
     pods = Pods(redis_server.port, namespace)
     await pods.wait_ready()
     await pods.open_clients("restart", 6)
-    await fault_during_bursts(pods, "restart", chaos_rounds, 200, "redis-restart",
-                              redis_server.restart, lead_s=0.3)  # fmt: skip
+    await fault_during_bursts(
+        pods, "restart", chaos_rounds, 200, "redis-restart", redis_server.restart, lead_s=0.3
+    )
     await finish(pods, "relay: restart with data loss", chaos_rounds, replay_ok=False)
 
 
-async def test_burst_of_publishes_during_sentinel_failover(namespace: str,
-                                                           chaos_rounds: int) -> None:  # fmt: skip
-    topologies = pytest.importorskip("coordinator.testing_topologies")
+async def test_burst_of_publishes_during_sentinel_failover(
+    namespace: str, chaos_rounds: int
+) -> None:
+    topologies = pytest.importorskip("coordinator.testing.topologies")
     with topologies.SentinelCluster() as sentinel:
         # Acknowledged only once the replica has it: without this, publishes the old
         # primary acknowledged after the promotion were lost (and no one could tell).
-        pods = Pods(None, namespace, direct_url=sentinel.url,
-                    env={"COORDINATOR_MIN_REPLICAS": "1"})  # fmt: skip
+        pods = Pods(None, namespace, direct_url=sentinel.url, env={"COORDINATOR_MIN_REPLICAS": "1"})
         await pods.wait_ready()
         await pods.open_clients("failover", 6)
-        await fault_during_bursts(pods, "failover", chaos_rounds, 300, "sentinel-failover",
-                                  sentinel.failover, lead_s=0.2, pace=0.005)  # fmt: skip
-        await finish(pods, "relay: burst during Sentinel failover", chaos_rounds,
-                     replay_ok=False)  # fmt: skip
+        await fault_during_bursts(
+            pods,
+            "failover",
+            chaos_rounds,
+            300,
+            "sentinel-failover",
+            sentinel.failover,
+            lead_s=0.2,
+            pace=0.005,
+        )
+        await finish(pods, "relay: burst during Sentinel failover", chaos_rounds, replay_ok=False)

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from coordinator.testing_topologies import SentinelCluster
+from coordinator.testing.topologies import SentinelCluster
 
 from .checker import check, measure
 from .conftest import record
@@ -22,8 +22,9 @@ from .nodes import FAILOVER_LIMIT_S, NodeCluster
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(600)]
 
 
-def run_and_check(c: NodeCluster, scenario: str, rounds: int, url: str,
-                  faults: list[Callable[[], Any]]) -> None:  # fmt: skip
+def run_and_check(
+    c: NodeCluster, scenario: str, rounds: int, url: str, faults: list[Callable[[], Any]]
+) -> None:
     try:
         c.wait_ready()
         for fault in faults:
@@ -44,26 +45,41 @@ FAULTS = ("sigkill", "sigstop", "partition", "cut", "redis-restart")
 
 
 def fault_fn(c: NodeCluster, kind: str, server: Any) -> Callable[[], Any]:
-    return {"sigkill": c.sigkill_leader, "sigstop": c.sigstop_leader,
-            "partition": c.partition_leader, "cut": c.cut_connections,
-            "redis-restart": lambda: c.restart_redis(server)}[kind]  # fmt: skip
+    return {
+        "sigkill": c.sigkill_leader,
+        "sigstop": c.sigstop_leader,
+        "partition": c.partition_leader,
+        "cut": c.cut_connections,
+        "redis-restart": lambda: c.restart_redis(server),
+    }[kind]
 
 
 @pytest.mark.parametrize("kind", FAULTS)
 def test_scheduler_fault(kind: str, redis_server: Any, namespace: str, chaos_rounds: int) -> None:
     c = NodeCluster(redis_server.port, namespace)
-    run_and_check(c, f"scheduler: {kind}", chaos_rounds, redis_server.url,
-                  [fault_fn(c, kind, redis_server)] * chaos_rounds)  # fmt: skip
+    run_and_check(
+        c,
+        f"scheduler: {kind}",
+        chaos_rounds,
+        redis_server.url,
+        [fault_fn(c, kind, redis_server)] * chaos_rounds,
+    )
 
 
-def test_scheduler_random_mix(redis_server: Any, namespace: str, chaos_rounds: int,
-                              chaos_seed: int) -> None:  # fmt: skip
+def test_scheduler_random_mix(
+    redis_server: Any, namespace: str, chaos_rounds: int, chaos_seed: int
+) -> None:
     rng = random.Random(chaos_seed)
     kinds = [rng.choice(FAULTS) for _ in range(4 * chaos_rounds)]
     print(f"mix (seed {chaos_seed}): {kinds}")
     c = NodeCluster(redis_server.port, namespace)
-    run_and_check(c, "scheduler: random mix", len(kinds), redis_server.url,
-                  [fault_fn(c, k, redis_server) for k in kinds])  # fmt: skip
+    run_and_check(
+        c,
+        "scheduler: random mix",
+        len(kinds),
+        redis_server.url,
+        [fault_fn(c, k, redis_server) for k in kinds],
+    )
 
 
 def test_scheduler_sentinel_failover(namespace: str, chaos_rounds: int) -> None:
@@ -71,17 +87,24 @@ def test_scheduler_sentinel_failover(namespace: str, chaos_rounds: int) -> None:
     FAILOVER while they run (the fencing counter and claims live on the replica too)."""
     with SentinelCluster() as sentinel:
         # Claims count once a replica has them (WAIT): a failover cannot undo a claim.
-        c = NodeCluster(None, namespace, direct_url=sentinel.url,
-                        env={"COORDINATOR_MIN_REPLICAS": "1"})  # fmt: skip
+        c = NodeCluster(
+            None, namespace, direct_url=sentinel.url, env={"COORDINATOR_MIN_REPLICAS": "1"}
+        )
         from .checker import Fault
 
         def failover() -> None:
             start = time.monotonic()
             sentinel.failover()
             c.wait_ticks(2)
-            c.faults.append(Fault("sentinel-failover", start, time.monotonic(),
-                                  displaces_leader=False))  # fmt: skip
+            c.faults.append(
+                Fault("sentinel-failover", start, time.monotonic(), displaces_leader=False)
+            )
 
         port = sentinel.primary_port()
-        run_and_check(c, "scheduler: sentinel failover", chaos_rounds,
-                      f"redis://127.0.0.1:{port}/0", [failover] * chaos_rounds)  # fmt: skip
+        run_and_check(
+            c,
+            "scheduler: sentinel failover",
+            chaos_rounds,
+            f"redis://127.0.0.1:{port}/0",
+            [failover] * chaos_rounds,
+        )

@@ -10,14 +10,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import httpx
 
 from coordinator.testing import free_port
 
-from .procs import Proc
+from .procs import ROOT, Proc
 from .sse_client import SSEClient
 
 HOST = "127.0.0.1"
@@ -26,21 +27,51 @@ HOST = "127.0.0.1"
 class AppCluster:
     """``uvicorn APP --workers N`` on a free port, with ``REDIS_URL`` and a namespace."""
 
-    def __init__(self, redis_url: str, namespace: str, workers: int = 4,
-                 env: dict[str, str] | None = None,
-                 app: str = "tests.support.relay_app:app") -> None:  # fmt: skip
+    def __init__(
+        self,
+        redis_url: str,
+        namespace: str,
+        workers: int = 4,
+        env: dict[str, str] | None = None,
+        app: str = "tests.support.relay_app:app",
+        command: Callable[[int], Sequence[str]] | None = None,
+        cwd: Path = ROOT,
+    ) -> None:
+        """``command``, given a port, returns a command line to run instead of uvicorn's own
+        (an image's CMD): it must serve on that port with ``workers`` workers, from ``cwd``."""
         self.port = free_port()
         self.workers = workers
         self.base = f"http://{HOST}:{self.port}"
-        full_env = {"REDIS_URL": redis_url, "COORDINATOR_NAMESPACE": namespace,
-                    "COORDINATOR_RELAY_KEEPALIVE_S": "1", "COORDINATOR_BACKOFF_MAX_MS": "1000",
-                    **(env or {})}  # fmt: skip
+        full_env = {
+            "REDIS_URL": redis_url,
+            "COORDINATOR_NAMESPACE": namespace,
+            "COORDINATOR_RELAY_KEEPALIVE_S": "1",
+            "COORDINATOR_BACKOFF_MAX_MS": "1000",
+            **(env or {}),
+        }
+        if command is not None:
+            self.proc = Proc.exec(
+                command(self.port), env=full_env, name=f"image:{self.port}", cwd=cwd
+            )
+            return
         self.proc = Proc(
-            "uvicorn", app, "--host", HOST, "--port", str(self.port),
-            "--workers", str(workers), "--log-level", "warning",
-            "--timeout-worker-healthcheck", "60", "--timeout-graceful-shutdown", "20",
-            env=full_env, name=f"uvicorn:{self.port}",
-        )  # fmt: skip
+            "uvicorn",
+            app,
+            "--host",
+            HOST,
+            "--port",
+            str(self.port),
+            "--workers",
+            str(workers),
+            "--log-level",
+            "warning",
+            "--timeout-worker-healthcheck",
+            "60",
+            "--timeout-graceful-shutdown",
+            "20",
+            env=full_env,
+            name=f"uvicorn:{self.port}",
+        )
 
     @contextlib.asynccontextmanager
     async def running(self, exit_codes: tuple[int, ...] = (0,)) -> AsyncIterator[AppCluster]:
@@ -80,8 +111,9 @@ class AppCluster:
             await asyncio.sleep(0.05)
         return ready
 
-    async def stats(self, want: int | None = None, timeout: float = 30,
-                    until: Any = None) -> dict[str, dict[str, Any]]:  # fmt: skip
+    async def stats(
+        self, want: int | None = None, timeout: float = 30, until: Any = None
+    ) -> dict[str, dict[str, Any]]:
         """``/relay/stats`` of every worker (by instance), each satisfying ``until``."""
         want = want or self.workers
         seen: dict[str, dict[str, Any]] = {}
@@ -97,13 +129,16 @@ class AppCluster:
                 raise AssertionError(f"worker stats never satisfied the condition: {seen}")
             await asyncio.sleep(0.02)
 
-    async def clients(self, path: str, n: int, min_instances: int,
-                      last_event_id: str | None = None) -> list[SSEClient]:  # fmt: skip
+    async def clients(
+        self, path: str, n: int, min_instances: int, last_event_id: str | None = None
+    ) -> list[SSEClient]:
         """``n`` started SSE clients spread over at least ``min_instances`` workers."""
         opened: list[SSEClient] = []
         for _ in range(20):
-            batch = [SSEClient(HOST, self.port, path, last_event_id=last_event_id)
-                     for _ in range(max(n - len(opened), 4))]  # fmt: skip
+            batch = [
+                SSEClient(HOST, self.port, path, last_event_id=last_event_id)
+                for _ in range(max(n - len(opened), 4))
+            ]
             await asyncio.gather(*(c.connect() for c in batch))
             for client in batch:
                 assert client.status == 200, (client.status, client.body)
@@ -122,14 +157,16 @@ class AppCluster:
         """Keep-alive HTTP clients, each pinned to one connection (so one worker)."""
         out = []
         for _ in range(n):
-            client = httpx.AsyncClient(base_url=self.base, timeout=10,
-                                       limits=httpx.Limits(max_connections=1))  # fmt: skip
+            client = httpx.AsyncClient(
+                base_url=self.base, timeout=10, limits=httpx.Limits(max_connections=1)
+            )
             await client.get("/healthz-unknown")  # opens the connection (404 is fine)
             out.append(client)
         return out
 
-    async def publish(self, client: httpx.AsyncClient, channel: str, data: Any,
-                      timeout: float = 20) -> tuple[str, str]:  # fmt: skip
+    async def publish(
+        self, client: httpx.AsyncClient, channel: str, data: Any, timeout: float = 20
+    ) -> tuple[str, str]:
         """POST one event, retrying 503s and dropped connections; returns (id, instance)."""
         deadline = time.monotonic() + timeout
         while True:

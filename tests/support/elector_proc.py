@@ -13,7 +13,7 @@ import signal
 import sys
 
 from coordinator import CoordinatorSettings, LeaderElector, Term, create_redis
-from coordinator.scripts import CHECK
+from coordinator.store.scripts import CHECK
 
 from .procs import emit
 

@@ -14,18 +14,25 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from coordinator import Coordinator, CoordinatorSettings, JobContext
-from coordinator.status import cluster_status
+from coordinator.ops.status import cluster_status
 from coordinator.testing import async_wait_until
 
-FAST = {"lease_ttl_ms": 2000, "renew_interval_ms": 250, "renew_deadline_ms": 1500,
-        "retry_period_ms": 250, "presence_interval_s": 0.5, "relay_keepalive_s": 1.0,
-        "backoff_max_ms": 500}  # fmt: skip
+FAST = {
+    "lease_ttl_ms": 2000,
+    "renew_interval_ms": 250,
+    "renew_deadline_ms": 1500,
+    "retry_period_ms": 250,
+    "presence_interval_s": 0.5,
+    "relay_keepalive_s": 1.0,
+    "backoff_max_ms": 500,
+}
 
 
 def make_coordinator(url: str, namespace: str, name: str, **extra: Any) -> Coordinator:
     options = {**FAST, **extra}
-    settings = CoordinatorSettings(redis_url=url, namespace=namespace,
-                                   instance_id=f"{name}-{namespace}", **options)  # fmt: skip
+    settings = CoordinatorSettings(
+        redis_url=url, namespace=namespace, instance_id=f"{name}-{namespace}", **options
+    )
     coordinator = Coordinator(settings, shutdown_timeout=2)
     coordinator.fires: list[tuple[str, int]] = []  # type: ignore[attr-defined]
 
@@ -63,8 +70,9 @@ async def exercise(url: str, namespace: str) -> dict[str, Any]:
         first = await leader_of(a, b)
         other = b if first is a else a
         await async_wait_until(lambda: first.fires, 10, message="the job never fired")  # type: ignore[attr-defined]
-        once_result = await asyncio.gather(a.once("migrate", lambda: 42),
-                                           b.once("migrate", lambda: 42))  # fmt: skip
+        once_result = await asyncio.gather(
+            a.once("migrate", lambda: 42), b.once("migrate", lambda: 42)
+        )
         await asyncio.wait_for(other.relay.wait_ready(10), 10)
         first_id = await first.publish("ops", {"n": 1})
         async with await other.relay.subscribe("ops", last_event_id="0-0") as sub:
@@ -78,6 +86,12 @@ async def exercise(url: str, namespace: str) -> dict[str, Any]:
         # Graceful handoff: the leader releases, the other takes over at once.
         await first.stop()
         second = await leader_of(other)
-        return {"first": first.settings.instance_id, "second": second.settings.instance_id,
-                "once": once_result, "ids": (first_id, live_id), "received": received,
-                "status": status, "runs": runs}  # fmt: skip
+        return {
+            "first": first.settings.instance_id,
+            "second": second.settings.instance_id,
+            "once": once_result,
+            "ids": (first_id, live_id),
+            "received": received,
+            "status": status,
+            "runs": runs,
+        }

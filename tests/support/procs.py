@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +32,29 @@ def emit(event: str, **fields: Any) -> None:
 
 
 class Proc:
-    """A child process started with ``python -m module args...`` from the repo root."""
+    """A child process started with ``python -m module args...`` from the repo root,
+    or with a command line as given (:meth:`exec`)."""
 
     def __init__(
         self, module: str, *args: str, env: dict[str, str] | None = None, name: str = ""
     ) -> None:
+        self._start([sys.executable, "-m", module, *args], env, name or module, ROOT)
+
+    @classmethod
+    def exec(
+        cls, argv: Sequence[str], *, env: dict[str, str] | None = None, name: str = "", cwd: Path
+    ) -> Proc:
+        """Run ``argv`` as given (an image's CMD, say) in ``cwd``."""
+        proc = cls.__new__(cls)
+        proc._start(list(argv), env, name or argv[0], cwd)
+        return proc
+
+    def _start(self, argv: list[str], env: dict[str, str] | None, name: str, cwd: Path) -> None:
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.name = name or module
+        self.name = name
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", module, *args],
-            cwd=ROOT,
+            argv,
+            cwd=cwd,
             env=full_env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,

@@ -43,8 +43,7 @@ class ReconnectingClient:
             # events published while the first stream was down are still owed.
             resume = self.last_id if self.reconnects == 0 or self.last_id else "0-0"
             port = self.port() if callable(self.port) else self.port
-            client = SSEClient(HOST, port, self.path, last_event_id=resume,
-                               on_message=self._on)  # fmt: skip
+            client = SSEClient(HOST, port, self.path, last_event_id=resume, on_message=self._on)
             try:
                 await client.connect()
             except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError):
@@ -81,4 +80,3 @@ class ReconnectingClient:
         await cancel_and_wait(self._task)
         if self._client is not None:
             await self._client.close()
-

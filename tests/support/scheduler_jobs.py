@@ -2,7 +2,7 @@
 
 Used two ways:
 
-- ``python -m coordinator.cli worker tests.support.scheduler_jobs:build`` (a worker);
+- ``python -m coordinator.ops.cli worker tests.support.scheduler_jobs:build`` (a worker);
 - ``python -m tests.support.scheduler_jobs`` (any role, as a web process would
   run it; with ``COORDINATOR_ROLE=api`` it must never run a job).
 
@@ -22,20 +22,32 @@ import time
 from datetime import UTC, datetime
 
 from coordinator import JobContext, LeaderScheduler
-from coordinator.runs import dt_to_ms
+from coordinator.clock import datetime_to_ms as dt_to_ms
 
 from .procs import emit
 
 
 def _started(ctx: JobContext) -> None:
-    emit("start", job=ctx.job_id, scheduled_ms=dt_to_ms(ctx.scheduled_at),
-         token=ctx.fencing_token, instance_id=ctx.instance_id, wall=time.time())  # fmt: skip
+    emit(
+        "start",
+        job=ctx.job_id,
+        scheduled_ms=dt_to_ms(ctx.scheduled_at),
+        token=ctx.fencing_token,
+        instance_id=ctx.instance_id,
+        wall=time.time(),
+    )
 
 
 def _ended(ctx: JobContext) -> None:
-    emit("end", job=ctx.job_id, scheduled_ms=dt_to_ms(ctx.scheduled_at),
-         token=ctx.fencing_token, instance_id=ctx.instance_id, wall=time.time(),
-         lost=ctx.lost_leadership.is_set())  # fmt: skip
+    emit(
+        "end",
+        job=ctx.job_id,
+        scheduled_ms=dt_to_ms(ctx.scheduled_at),
+        token=ctx.fencing_token,
+        instance_id=ctx.instance_id,
+        wall=time.time(),
+        lost=ctx.lost_leadership.is_set(),
+    )
 
 
 async def tick(ctx: JobContext) -> None:
@@ -68,17 +80,20 @@ def build() -> LeaderScheduler:
     if os.environ.get("SCHED_EXTRA") == "1":
         scheduler.add_job(cron_sync, "cron", id="cron-sync", second="*")
         run_date = datetime.fromtimestamp(int(os.environ["SCHED_DATE_MS"]) / 1000, tz=UTC)
-        scheduler.add_job(date_once, "date", id="date-once", run_date=run_date,
-                          misfire_grace_time=None)  # fmt: skip
+        scheduler.add_job(
+            date_once, "date", id="date-once", run_date=run_date, misfire_grace_time=None
+        )
         scheduler.add_job(boom, "interval", id="boom", seconds=1)
 
     instance = scheduler.instance_id
     scheduler.elector.add_observer(
-        on_elected=lambda token: emit("elected", token=token, instance_id=instance,
-                                      wall=time.time()),
-        on_revoked=lambda reason: emit("revoked", reason=reason, instance_id=instance,
-                                       wall=time.time()),
-    )  # fmt: skip
+        on_elected=lambda token: emit(
+            "elected", token=token, instance_id=instance, wall=time.time()
+        ),
+        on_revoked=lambda reason: emit(
+            "revoked", reason=reason, instance_id=instance, wall=time.time()
+        ),
+    )
     emit("ready", instance_id=instance, role=scheduler.settings.role)
     return scheduler
 

@@ -54,8 +54,11 @@ class SSEClient:
         """Send the request and read the status and headers (and a non-200 body)."""
         async with asyncio.timeout(timeout):
             self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
-            lines = [f"GET {self.path} HTTP/1.1", f"Host: {self.host}:{self.port}",
-                     "Accept: text/event-stream"]  # fmt: skip
+            lines = [
+                f"GET {self.path} HTTP/1.1",
+                f"Host: {self.host}:{self.port}",
+                "Accept: text/event-stream",
+            ]
             if self.last_event_id is not None:
                 lines.append(f"Last-Event-ID: {self.last_event_id}")
             self._writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())

@@ -1,0 +1,390 @@
+"""Runtime jobs in one process against a real Redis: several LeaderSchedulers (one may
+be role ``api``) share a namespace, so adds and pauses cross "processes" through Redis
+exactly as they do between workers. Multi-worker HTTP tests: test_runtime_jobs_workers.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from coordinator import CoordinatorSettings, JobContext, Keys, LeaderScheduler, RunRecord
+from coordinator.errors import (
+    ConflictingIdError,
+    DeclaredJobError,
+    InvalidJobError,
+    JobArgumentsTooLargeError,
+    JobLimitError,
+    JobLookupError,
+    TaskLookupError,
+)
+from coordinator.scheduler.runs import RunHistory
+from coordinator.store.scripts import CLAIM_FIRE
+from coordinator.testing import async_wait_until
+
+from .support.timing import FAST
+
+Make = Callable[..., LeaderScheduler]
+
+
+def iso(dt: datetime) -> str:
+    return dt.astimezone(UTC).isoformat()
+
+
+@pytest.fixture
+async def make(namespace: str, redis_client: Redis) -> AsyncIterator[Make]:
+    """Schedulers on the shared Redis with fast timings, each with the task ``note``,
+    which appends (job id, scheduled time, token, instance, kwargs) to ``calls``."""
+    made: list[LeaderScheduler] = []
+
+    def build(instance_id: str, calls: list[tuple[Any, ...]] | None = None, **kw: Any) -> Any:
+        settings = CoordinatorSettings(
+            namespace=namespace, instance_id=instance_id, **{**FAST, **kw.pop("settings", {})}
+        )
+        scheduler = LeaderScheduler(redis_client, settings, **kw)
+        sink = calls if calls is not None else []
+
+        @scheduler.task("note")
+        async def note(ctx: JobContext, text: str = "") -> None:
+            sink.append((ctx.job_id, ctx.scheduled_at, ctx.fencing_token, ctx.instance_id, text))
+
+        @scheduler.task("plain")
+        def plain(a: int, b: int = 0) -> None:
+            sink.append(("plain", a, b))
+
+        made.append(scheduler)
+        return scheduler
+
+    yield build
+    for scheduler in made:
+        await scheduler.stop(timeout=2)
+
+
+async def leader_of(*schedulers: LeaderScheduler, timeout: float = 10) -> LeaderScheduler:
+    found: list[LeaderScheduler] = await async_wait_until(
+        lambda: [s for s in schedulers if s.is_leading and s._follower.subscribed.is_set()],
+        timeout,
+        message="a leading scheduler following runtime jobs",
+    )
+    assert len(found) == 1
+    return found[0]
+
+
+async def history(redis: Redis, namespace: str) -> list[RunRecord]:
+    return await RunHistory(redis, Keys(namespace), 10_000).recent(10_000)
+
+
+async def test_date_job_added_on_api_process_runs_once_on_leader_and_leaves(
+    make: Make, redis_client: Redis, namespace: str
+) -> None:
+    calls: list[tuple[Any, ...]] = []
+    leader = make("leader", calls)
+    api = make("api", settings={"role": "api"})
+    await leader.start()
+    await api.start()
+    await leader_of(leader)
+    run_date = datetime.now(UTC) + timedelta(milliseconds=400)
+    added = await api.runtime.add_job(
+        "note", {"type": "date", "run_date": iso(run_date)}, id="remind-1", kwargs={"text": "hi"}
+    )
+    assert added["source"] == "runtime" and added["paused"] is False
+    assert [j["id"] for j in await api.list_jobs()] == ["remind-1"]
+    await async_wait_until(lambda: calls, 5, message="the date job ran")
+    job_id, scheduled, token, instance, text = calls[0]
+    assert (job_id, instance, text) == ("remind-1", "leader", "hi")
+    assert abs((scheduled - run_date).total_seconds()) < 0.002
+
+    async def ok_records() -> list[RunRecord]:
+        return [r for r in await history(redis_client, namespace) if r.status == "ok"]
+
+    deadline = time.monotonic() + 5
+    while not await ok_records():
+        assert time.monotonic() < deadline, "no run record"
+        await asyncio.sleep(0.02)
+    (record,) = await ok_records()
+    assert (record.job_id, record.instance_id) == ("remind-1", "leader")
+    assert record.fencing_token == token
+    assert await api.list_jobs() == []
+    with pytest.raises(JobLookupError):
+        await api.runtime.get_job("remind-1")
+    await asyncio.sleep(0.3)  # nothing more may come (a second run would be a bug)
+    assert len(calls) == 1
+
+
+async def test_interval_pause_resume_keeps_phase_run_now_and_remove(
+    make: Make, redis_client: Redis, namespace: str
+) -> None:
+    calls: list[tuple[Any, ...]] = []
+    leader = make("leader", calls)
+    api = make("api", settings={"role": "api"})
+    await leader.start()
+    await api.start()
+    await leader_of(leader)
+    start = datetime.now(UTC) + timedelta(milliseconds=300)
+    await api.runtime.add_job(
+        "note",
+        {"type": "interval", "seconds": 0.2, "start_date": iso(start)},
+        id="tick",
+    )
+    await async_wait_until(lambda: len(calls) >= 3, 5, message="three ticks")
+    paused = await api.runtime.pause_job("tick")
+    assert paused["paused"] is True and paused["next_fire_at"] is None
+    await asyncio.sleep(0.05)  # a fire claimed before the pause may still be starting
+    before = len(calls)
+    deadline = time.monotonic() + 0.8
+    while time.monotonic() < deadline:
+        assert len(calls) == before, "a paused job fired"
+        await asyncio.sleep(0.02)
+    resumed = await api.runtime.resume_job("tick")
+    assert resumed["paused"] is False
+    await async_wait_until(lambda: len(calls) >= before + 2, 5, message="ticks after resume")
+    for _, scheduled, *_ in calls:
+        offset_ms = (scheduled - start).total_seconds() * 1000
+        assert abs(offset_ms - round(offset_ms / 200) * 200) < 2, "off phase"
+    # Run now: exactly one extra run, at the request's time (off the phase).
+    ran = await api.runtime.run_job_now("tick")
+    wanted = datetime.fromisoformat(ran["scheduled_at"])
+    await async_wait_until(
+        lambda: any(abs((c[1] - wanted).total_seconds()) < 0.0005 for c in calls), 5, message="run"
+    )
+    await api.runtime.remove_job("tick")
+    await asyncio.sleep(0.05)
+    after = len(calls)
+    await asyncio.sleep(0.6)
+    assert len(calls) == after, "a removed job fired"
+    assert [j for j in await api.list_jobs() if j["id"] == "tick"] == []
+    records = [r for r in await history(redis_client, namespace) if r.status == "ok"]
+    keys = [(r.job_id, r.scheduled_ms) for r in records]
+    assert len(keys) == len(set(keys)), "a fire ran twice"
+    manual = [r for r in records if r.scheduled_ms == round(wanted.timestamp() * 1000)]
+    assert len(manual) == 1 and manual[0].instance_id == "leader"
+
+
+async def test_pause_of_code_job_is_cluster_wide_and_survives_failover(
+    make: Make, namespace: str
+) -> None:
+    calls: list[str] = []
+    first, second = make("first"), make("second")
+    for scheduler in (first, second):
+
+        @scheduler.job("interval", seconds=0.2, id="code-tick")
+        async def tick(ctx: JobContext) -> None:
+            calls.append(ctx.instance_id)
+
+    api = make("api", settings={"role": "api"})
+    api.add_job(lambda: None, "interval", seconds=0.2, id="code-tick")
+    await first.start()
+    await leader_of(first)
+    await second.start()
+    await api.start()
+    await async_wait_until(lambda: len(calls) >= 2, 5, message="code job ticks")
+    assert (await api.runtime.pause_job("code-tick"))["paused"] is True
+    await asyncio.sleep(0.05)
+    before = len(calls)
+    await first.stop()  # failover to second, which must load the pause
+    await leader_of(second)
+    await asyncio.sleep(0.6)
+    assert len(calls) == before, "a paused code job fired"
+    listed = {j["id"]: j for j in await api.list_jobs()}
+    assert listed["code-tick"]["paused"] is True and listed["code-tick"]["source"] == "code"
+    with pytest.raises(DeclaredJobError):
+        await api.runtime.remove_job("code-tick")
+    with pytest.raises(ConflictingIdError):
+        await api.runtime.add_job("note", {"type": "interval", "seconds": 1}, id="code-tick")
+    await api.runtime.resume_job("code-tick")
+    await async_wait_until(lambda: len(calls) >= before + 2, 5, message="ticks after resume")
+    assert set(calls[before:]) == {"second"}
+
+
+async def test_full_restart_keeps_runtime_jobs_and_paused_state(make: Make) -> None:
+    calls: list[tuple[Any, ...]] = []
+    a = make("a", calls)
+    await a.start()
+    await leader_of(a)
+    later = datetime.now(UTC) + timedelta(seconds=1.5)
+    await a.runtime.add_job("note", {"type": "date", "run_date": iso(later)}, id="later")
+    await a.runtime.add_job("note", {"type": "interval", "seconds": 0.2}, id="held")
+    await a.runtime.pause_job("held")
+    await a.stop()
+    # Every process gone; new ones come up.
+    b = make("b", calls)
+    await b.start()
+    await leader_of(b)
+    listed = {j["id"]: j for j in await b.list_jobs()}
+    assert set(listed) == {"later", "held"} and listed["held"]["paused"] is True
+    await async_wait_until(lambda: [c for c in calls if c[0] == "later"], 5, message="date job")
+    assert all(c[3] == "b" for c in calls) and not [c for c in calls if c[0] == "held"]
+
+
+async def test_run_request_waiting_for_a_leader_runs_once_when_one_is_elected(
+    make: Make, redis_client: Redis, namespace: str
+) -> None:
+    calls: list[tuple[Any, ...]] = []
+    api = make("api", settings={"role": "api"})
+    await api.start()
+    await api.runtime.add_job("note", {"type": "interval", "hours": 1}, id="hourly")
+    ran = await api.runtime.run_job_now("hourly")
+    leader = make("leader", calls)
+    await leader.start()
+    await async_wait_until(lambda: calls, 5, message="the requested run")
+    assert iso(calls[0][1]) == ran["scheduled_at"]
+    assert await redis_client.hlen(Keys(namespace).run_requests()) == 0
+
+
+async def test_bad_input_names_the_field(make: Make) -> None:
+    s = make("s", settings={"role": "api"}, max_runtime_jobs=2, max_runtime_args_bytes=100)
+    add = s.runtime.add_job
+    soon = iso(datetime.now(UTC) + timedelta(hours=1))
+    cases: list[tuple[Any, type[Exception], str]] = [
+        (add("nope", {"type": "date"}), TaskLookupError, "task"),
+        (add("note", {"type": "weekly"}), InvalidJobError, "trigger.type"),
+        (add("note", "daily"), InvalidJobError, "trigger"),
+        (add("note", {"type": "date", "run_date": "soon"}), InvalidJobError, "trigger.run_date"),
+        (
+            add("note", {"type": "date", "run_date": "2001-01-01T00:00:00Z"}),
+            InvalidJobError,
+            "trigger.run_date",
+        ),
+        (
+            add("note", {"type": "date", "run_date": soon, "timezone": "Mars/Base"}),
+            InvalidJobError,
+            "trigger.timezone",
+        ),
+        (add("note", {"type": "interval", "seconds": -1}), InvalidJobError, "trigger.seconds"),
+        (add("note", {"type": "interval"}), InvalidJobError, "trigger.seconds"),
+        (add("note", {"type": "cron", "hour": "25"}), InvalidJobError, "trigger.hour"),
+        (
+            add("note", {"type": "cron", "minute": "*", "bogus": 1}),
+            InvalidJobError,
+            "trigger.bogus",
+        ),
+        (
+            add("note", {"type": "date", "run_date": "0001-01-01T00:00:00+14:00"}),
+            InvalidJobError,
+            "trigger.run_date",
+        ),
+        (
+            add("note", {"type": "date", "run_date": "9999-12-31T23:59:59-14:00"}),
+            InvalidJobError,
+            "trigger.run_date",
+        ),
+        (add("note", {"type": "interval", "weeks": 1e8}), InvalidJobError, "trigger.seconds"),
+        (
+            add("note", {"type": "interval", "seconds": 60, "start_date": "9995-01-01T00:00:00Z"}),
+            InvalidJobError,
+            "trigger.start_date",
+        ),
+        (add("note", {"type": "date"}, id="bad id!"), InvalidJobError, "id"),
+        (add("note", {"type": "date"}, id="runs"), InvalidJobError, "id"),
+        (
+            add("note", {"type": "date"}, kwargs={"text": "x" * 200}),
+            JobArgumentsTooLargeError,
+            "kwargs",
+        ),
+        (add("note", {"type": "date"}, kwargs={"nope": 1}), InvalidJobError, "kwargs"),
+        (add("plain", {"type": "date"}, args=[1, 2, 3]), InvalidJobError, "args"),
+        (add("note", {"type": "date"}, kwargs={"ctx": 1}), InvalidJobError, "kwargs"),
+        (
+            add("note", {"type": "date"}, misfire_grace_time=0),
+            InvalidJobError,
+            "misfire_grace_time",
+        ),
+    ]
+    for coro, error, field in cases:
+        with pytest.raises(error) as caught:
+            await coro
+        assert getattr(caught.value, "field", None) == field, (field, caught.value)
+        assert isinstance(caught.value, ValueError | LookupError)
+    await add("note", {"type": "interval", "seconds": 5}, id="one")
+    with pytest.raises(ConflictingIdError, match="replace"):
+        await add("note", {"type": "interval", "seconds": 5}, id="one")
+    await add("note", {"type": "interval", "seconds": 9}, id="one", replace=True)
+    await add("note", {"type": "interval", "seconds": 5}, id="two")
+    with pytest.raises(JobLimitError):
+        await add("note", {"type": "interval", "seconds": 5}, id="three")
+    for call in (
+        s.runtime.pause_job,
+        s.runtime.resume_job,
+        s.runtime.run_job_now,
+        s.runtime.remove_job,
+        s.runtime.get_job,
+    ):
+        with pytest.raises(JobLookupError):
+            await call("missing")
+
+
+async def test_recent_past_run_date_runs_at_once(make: Make) -> None:
+    calls: list[tuple[Any, ...]] = []
+    leader = make("leader", calls)
+    await leader.start()
+    await leader_of(leader)
+    past = datetime.now(UTC) - timedelta(milliseconds=500)
+    await leader.runtime.add_job("note", {"type": "date", "run_date": iso(past)}, id="late")
+    await async_wait_until(lambda: calls, 5, message="a slightly late date job runs")
+    await leader.runtime.add_job("note", {"type": "date"}, id="now")  # no run_date: now
+    await async_wait_until(lambda: len(calls) == 2, 5, message="a date job without run_date")
+
+
+async def test_claim_refuses_paused_and_removes_a_fired_date_job(
+    redis_client: Redis, namespace: str
+) -> None:
+    keys = Keys(namespace)
+    lease = keys.lease("leader")
+    await redis_client.set(lease, '{"v":1}')
+    await redis_client.hset(keys.runtime_jobs(), "d", "{}")
+    await redis_client.sadd(keys.paused_jobs(), "p")
+    all_keys = [lease, keys.last_fire(), keys.runs(), keys.paused_jobs(), keys.runtime_jobs()]
+
+    async def claim(job_id: str, ms: int, final: str) -> list[Any]:
+        args = ['{"v":1}', job_id, ms, "run", "", 100, final]
+        return list(await CLAIM_FIRE(redis_client, all_keys, args))
+
+    assert (await claim("p", 1000, "0"))[0] == -2
+    assert (await claim("d", 1000, "1"))[0] == 1
+    assert not await redis_client.hexists(keys.runtime_jobs(), "d")
+    assert (await claim("d", 1000, "1"))[0] == -1
+
+
+def test_cli_jobs_add_list_pause_resume_run_remove(redis_url: str, namespace: str) -> None:
+    import json as json_
+
+    from typer.testing import CliRunner
+
+    from coordinator.ops.cli import app
+
+    runner = CliRunner()
+    where = ["--redis-url", redis_url, "--namespace", namespace]
+
+    def cli(*argv: str) -> Any:
+        result = runner.invoke(app, ["jobs", *argv, *where, "--json"])
+        assert result.exit_code == 0, result.output
+        return json_.loads(result.stdout)
+
+    added = cli(
+        "add",
+        "note",
+        '{"type": "interval", "seconds": 30}',
+        "--id",
+        "c1",
+        "--kwargs",
+        '{"text": "hi"}',
+    )
+    assert added["id"] == "c1" and added["kwargs"] == {"text": "hi"}
+    assert [j["id"] for j in cli("list")["jobs"]] == ["c1"]
+    assert cli("pause", "c1")["paused"] is True
+    assert cli("resume", "c1")["paused"] is False
+    assert cli("run", "c1")["job_id"] == "c1"
+    assert cli("remove", "c1") == {"job_id": "c1", "removed": True}
+    assert cli("list")["jobs"] == []
+    missing = runner.invoke(app, ["jobs", "pause", "nope", *where])
+    assert missing.exit_code == 1 and "no job with the id 'nope'" in missing.output
+    bad = runner.invoke(app, ["jobs", "add", "note", '{"type": "weekly"}', *where])
+    assert bad.exit_code == 2 and "trigger.type" in bad.output
+    text = runner.invoke(app, ["jobs", "list", *where])
+    assert text.exit_code == 0 and text.stdout.strip() == "no jobs"
