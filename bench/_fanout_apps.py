@@ -116,6 +116,9 @@ async def stream(channel: str) -> EventSourceResponse:
         finally:
             local[channel].discard(queue)
 
-    source = {"broadcaster": broadcaster_events, "per_client": per_client_events,
-              "handrolled": handrolled_events}[MODE]  # fmt: skip
+    source = {
+        "broadcaster": broadcaster_events,
+        "per_client": per_client_events,
+        "handrolled": handrolled_events,
+    }[MODE]
     return EventSourceResponse(source(), headers={"X-Coordinator-Instance": str(os.getpid())})

@@ -39,8 +39,14 @@ class Group:
 
     def spawn(self) -> Proc:
         self.count += 1
-        proc = Proc("tests.support.elector_proc", self.url, self.namespace, f"p{self.count}",
-                    env=self.env, name=f"p{self.count}")
+        proc = Proc(
+            "tests.support.elector_proc",
+            self.url,
+            self.namespace,
+            f"p{self.count}",
+            env=self.env,
+            name=f"p{self.count}",
+        )
         self.procs.append(proc)
         wait_for(lambda: proc.of("ready"), 60, "elector ready", [proc])
         return proc
@@ -132,14 +138,20 @@ def main(argv: list[str]) -> int:
     for name, values in results.items():
         s = summarize(values)
         summary[name] = s
-        rows.append(f"| {name} | {s['n']} | {s['p50']:.1f} | {s['p95']:.1f} | "
-                    f"{s['p99']:.1f} | {s['max']:.1f} |")
+        rows.append(
+            f"| {name} | {s['n']} | {s['p50']:.1f} | {s['p95']:.1f} | "
+            f"{s['p99']:.1f} | {s['max']:.1f} |"
+        )
     print(f"\nLeader failover, {args.followers + 1} processes, {timing}\n")
     print("\n".join(rows))
     print(f"\nRedis commands per second per idle follower: {cost:.2f}")
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"failover{'-fast' if args.fast else ''}.json"
-    out.write_text(json.dumps({"timing": timing, "summary": summary, "raw": results,
-                               "follower_commands_per_s": cost}, indent=2))
+    out.write_text(
+        json.dumps(
+            {"timing": timing, "summary": summary, "raw": results, "follower_commands_per_s": cost},
+            indent=2,
+        )
+    )
     print(f"raw results: {out}")
     return 0

@@ -81,19 +81,23 @@ class Recorder:
 async def connect_all(port: int, path: str, n: int, recorder: Recorder) -> list[SSEClient]:
     clients: list[SSEClient] = []
     for start in range(0, n, 200):  # in waves, so the accept queue is not overrun
-        wave = [SSEClient(HOST, port, path, on_message=recorder)
-                for _ in range(min(200, n - start))]  # fmt: skip
+        wave = [
+            SSEClient(HOST, port, path, on_message=recorder) for _ in range(min(200, n - start))
+        ]
         await asyncio.gather(*(c.connect(timeout=60) for c in wave))
         clients += [c.start() for c in wave if c.status == 200]
     return clients
 
 
-async def publish_phase(base: str, channel: str, phase: str, count: int,
-                        rate: float | None, errors: list[Any]) -> float:  # fmt: skip
+async def publish_phase(
+    base: str, channel: str, phase: str, count: int, rate: float | None, errors: list[Any]
+) -> float:
     """Publish ``count`` events over 4 connections; returns when the first was sent.
     Failed publishes are appended to ``errors`` (a failing baseline is a result too)."""
-    publishers = [httpx.AsyncClient(base_url=base, timeout=30,
-                                    limits=httpx.Limits(max_connections=1)) for _ in range(4)]
+    publishers = [
+        httpx.AsyncClient(base_url=base, timeout=30, limits=httpx.Limits(max_connections=1))
+        for _ in range(4)
+    ]
     first = time.monotonic()
 
     async def worker(index: int) -> None:
@@ -102,8 +106,9 @@ async def publish_phase(base: str, channel: str, phase: str, count: int,
                 await asyncio.sleep(max(0.0, first + seq / rate - time.monotonic()))
             body = {"data": {"phase": phase, "seq": seq, "t": time.monotonic()}}
             try:
-                response = await publishers[index].post(f"/api/channels/{channel}/events",
-                                                        json=body)  # fmt: skip
+                response = await publishers[index].post(
+                    f"/api/channels/{channel}/events", json=body
+                )
                 if response.status_code != 202:
                     errors.append(response.status_code)
             except httpx.HTTPError as exc:
@@ -117,8 +122,9 @@ async def publish_phase(base: str, channel: str, phase: str, count: int,
     return first
 
 
-async def settle(recorder: Recorder, phase: str, expected: int, quiet: float = 2.0,
-                 limit: float = 60.0) -> None:  # fmt: skip
+async def settle(
+    recorder: Recorder, phase: str, expected: int, quiet: float = 2.0, limit: float = 60.0
+) -> None:
     """Wait until all expected deliveries arrived, or none arrived for ``quiet`` seconds."""
     started = time.monotonic()
     last_count, last_change = -1, time.monotonic()
@@ -161,8 +167,11 @@ async def run_one(system: str, n: int, args: argparse.Namespace) -> dict[str, An
             elapsed = max(1e-6, recorder.last_arrival - first)
             lat = [v * 1000 for v in recorder.latencies.get("latency", [])]
             result = {
-                "system": system, "clients": n, "connected": len(clients),
-                "p50_ms": percentile(lat, 50), "p99_ms": percentile(lat, 99),
+                "system": system,
+                "clients": n,
+                "connected": len(clients),
+                "p50_ms": percentile(lat, 50),
+                "p99_ms": percentile(lat, 99),
                 "delivered_pct": 100 * len(lat) / max(1, args.events * len(clients)),
                 "burst_delivered_pct": 100 * burst_count / max(1, args.burst * len(clients)),
                 "events_per_s": burst_count / elapsed,
@@ -170,7 +179,7 @@ async def run_one(system: str, n: int, args: argparse.Namespace) -> dict[str, An
                 "redis_clients": int(info["connected_clients"]),
                 "publish_errors": len(errors),
                 "publish_error_kinds": sorted({str(e) for e in errors}),
-            }  # fmt: skip
+            }
             for client in clients:
                 await client.close()
             return result
@@ -187,8 +196,9 @@ def table(results: list[dict[str, Any]]) -> str:
     ]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['system']} | {r['clients']} | failed: {r['error'][:60]} "
-                         "| | | | | | |")  # fmt: skip
+            lines.append(
+                f"| {r['system']} | {r['clients']} | failed: {r['error'][:60]} | | | | | | |"
+            )
             continue
         ours = base.get(r["clients"])
         ratio = ours["events_per_s"] / r["events_per_s"] if ours and r["events_per_s"] else 0
@@ -209,14 +219,21 @@ def chart(results: list[dict[str, Any]], path: Path) -> None:
     systems = list(dict.fromkeys(r["system"] for r in results))
     counts = sorted({r["clients"] for r in results})
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    panels = [("p99_ms", "p99 publish-to-receive latency (ms, log)", True),
-              ("delivered_pct", "deliveries that arrived (%)", False),
-              ("events_per_s", "delivered events/s (burst)", False)]  # fmt: skip
+    panels = [
+        ("p99_ms", "p99 publish-to-receive latency (ms, log)", True),
+        ("delivered_pct", "deliveries that arrived (%)", False),
+        ("events_per_s", "delivered events/s (burst)", False),
+    ]
     width = 0.8 / max(1, len(systems))
     for ax, (key, title, log) in zip(axes, panels, strict=True):
         for i, system in enumerate(systems):
-            values = [next((r.get(key, 0) for r in results
-                            if r["system"] == system and r["clients"] == c), 0) for c in counts]
+            values = [
+                next(
+                    (r.get(key, 0) for r in results if r["system"] == system and r["clients"] == c),
+                    0,
+                )
+                for c in counts
+            ]
             ax.bar([x + i * width for x in range(len(counts))], values, width, label=system)
         ax.set_xticks([x + width * (len(systems) - 1) / 2 for x in range(len(counts))])
         ax.set_xticklabels([f"{c} clients" for c in counts])
@@ -230,8 +247,11 @@ def chart(results: list[dict[str, Any]], path: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench fanout", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench fanout",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--clients", default="100,1000")
     parser.add_argument("--events", type=int, default=100, help="latency phase events")
     parser.add_argument("--rate", type=float, default=10.0, help="latency phase events/s")

@@ -47,16 +47,27 @@ RESULTS = Path(__file__).parent / "results"
 class Workers:
     def __init__(self, url: str, env: dict[str, str], tick: float) -> None:
         self.namespace = f"bench{uuid.uuid4().hex[:8]}"
-        self.env = {**env, "REDIS_URL": url, "COORDINATOR_NAMESPACE": self.namespace,
-                    "COORDINATOR_ROLE": "worker", "SCHED_TICK_S": str(tick),
-                    "SCHED_TICK_WORK_S": "0.01"}  # fmt: skip
+        self.env = {
+            **env,
+            "REDIS_URL": url,
+            "COORDINATOR_NAMESPACE": self.namespace,
+            "COORDINATOR_ROLE": "worker",
+            "SCHED_TICK_S": str(tick),
+            "SCHED_TICK_WORK_S": "0.01",
+        }
         self.procs: list[Proc] = []
 
     def spawn(self) -> Proc:
         name = f"w{len(self.procs) + 1}"
-        proc = Proc("coordinator.cli", "worker", "tests.support.scheduler_jobs:build",
-                    "--log-level", "WARNING",
-                    env={**self.env, "COORDINATOR_INSTANCE_ID": name}, name=name)  # fmt: skip
+        proc = Proc(
+            "coordinator.ops.cli",
+            "worker",
+            "tests.support.scheduler_jobs:build",
+            "--log-level",
+            "WARNING",
+            env={**self.env, "COORDINATOR_INSTANCE_ID": name},
+            name=name,
+        )
         self.procs.append(proc)
         return proc
 
@@ -64,8 +75,13 @@ class Workers:
         return [e for p in self.procs for e in p.of("start") if e["job"] == "tick"]
 
     def first_start_after(self, t: float, exclude: Proc) -> tuple[Proc, dict[str, Any]] | None:
-        found = [(e["t"], p, e) for p in self.procs if p is not exclude
-                 for e in p.of("start") if e["job"] == "tick" and e["t"] > t]  # fmt: skip
+        found = [
+            (e["t"], p, e)
+            for p in self.procs
+            if p is not exclude
+            for e in p.of("start")
+            if e["job"] == "tick" and e["t"] > t
+        ]
         if not found:
             return None
         _, proc, event = min(found, key=lambda item: item[0])
@@ -91,8 +107,12 @@ def run(url: str, env: dict[str, str], workers: int, failovers: int, tick: float
             else:
                 leader.signal(signal.SIGTERM)
             old = leader
-            found = wait_for(lambda old=old, sent=sent: group.first_start_after(sent, old),
-                             60, "the new leader's first fire", group.procs)  # fmt: skip
+            found = wait_for(
+                lambda old=old, sent=sent: group.first_start_after(sent, old),
+                60,
+                "the new leader's first fire",
+                group.procs,
+            )
             leader, event = found
             delays[kind].append((event["t"] - sent) * 1000)
             won = [e["t"] for e in leader.of("elected") if e["t"] > sent]
@@ -102,9 +122,14 @@ def run(url: str, env: dict[str, str], workers: int, failovers: int, tick: float
                 old.popen.wait(30)
             fresh = group.spawn()
             wait_for(lambda fresh=fresh: fresh.of("ready"), 60, "the replacement", group.procs)
-            wait_for(lambda leader=leader, sent=sent: sum(
-                1 for e in leader.of("start") if e["t"] > sent) >= 5,
-                60, "the new leader settles", group.procs)  # fmt: skip
+            wait_for(
+                lambda leader=leader, sent=sent: (
+                    sum(1 for e in leader.of("start") if e["t"] > sent) >= 5
+                ),
+                60,
+                "the new leader settles",
+                group.procs,
+            )
     finally:
         stop_all(group.procs)
 
@@ -148,22 +173,30 @@ def main(argv: list[str]) -> int:
     with RedisServer() as server:
         result = run(server.url, env, args.workers, args.failovers, args.tick)
 
-    print(f"\nScheduler failover: {args.workers} workers, a job every {args.tick} s, "
-          f"{args.failovers} failovers, {timing}\n")  # fmt: skip
+    print(
+        f"\nScheduler failover: {args.workers} workers, a job every {args.tick} s, "
+        f"{args.failovers} failovers, {timing}\n"
+    )
     print("| fires scheduled | ran | duplicates | missed (recorded as missed) | off phase |")
     print("|---|---|---|---|---|")
     r = result
-    print(f"| {r['scheduled']} | {r['ran']} | {r['duplicates']} | "
-          f"{r['missed']} ({r['missed_recorded']}) | {r['off_phase']} |")  # fmt: skip
-    print("\n| failover | n | new leader elected p50 / p99 ms | first fire after signal "
-          "p50 / p99 ms | its lateness p50 / p99 ms |")  # fmt: skip
+    print(
+        f"| {r['scheduled']} | {r['ran']} | {r['duplicates']} | "
+        f"{r['missed']} ({r['missed_recorded']}) | {r['off_phase']} |"
+    )
+    print(
+        "\n| failover | n | new leader elected p50 / p99 ms | first fire after signal "
+        "p50 / p99 ms | its lateness p50 / p99 ms |"
+    )
     print("|---|---|---|---|---|")
     for kind in ("SIGKILL", "SIGTERM"):
         d, late, won = (result[k][kind] for k in ("delay_ms", "lateness_ms", "elected_ms"))
         if d:
-            print(f"| {kind} | {len(d)} | {percentile(won, 50):.0f} / {percentile(won, 99):.0f} "
-                  f"| {percentile(d, 50):.0f} / {percentile(d, 99):.0f} | "
-                  f"{percentile(late, 50):.0f} / {percentile(late, 99):.0f} |")  # fmt: skip
+            print(
+                f"| {kind} | {len(d)} | {percentile(won, 50):.0f} / {percentile(won, 99):.0f} "
+                f"| {percentile(d, 50):.0f} / {percentile(d, 99):.0f} | "
+                f"{percentile(late, 50):.0f} / {percentile(late, 99):.0f} |"
+            )
     RESULTS.mkdir(exist_ok=True)
     suffix = ("-defaults" if args.defaults else "") + (
         f"-tick{round(args.tick * 1000)}ms" if args.tick != 0.2 else ""
