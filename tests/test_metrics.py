@@ -29,7 +29,7 @@ from fastapi.testclient import TestClient
 from coordinator import Coordinator, CoordinatorSettings
 from coordinator.web.metrics_files import RunDirectory
 
-from .support.app_cluster import AppCluster
+from .support.app_cluster import RESPAWN_S, AppCluster
 from .support.procs import ROOT
 
 APP = "app.main:app"
@@ -300,7 +300,9 @@ async def test_a_killed_leader_vanishes_from_live_gauges_and_keeps_its_counts(
                 and total(s, "coordinator_sse_clients") == open_streams
             )
 
-        after = await scrape_until(cluster, settled, "the dead worker gone from live gauges")
+        after = await scrape_until(
+            cluster, settled, "the dead worker gone from live gauges", timeout=RESPAWN_S
+        )
         assert any(c.ended for c in streams)  # the dead worker's streams ended
         assert total(after, "coordinator_relay_events_published_total") >= published
 

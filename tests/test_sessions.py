@@ -22,7 +22,7 @@ from coordinator import Coordinator, CoordinatorSettings
 from coordinator.store.keys import Keys
 from coordinator.testing import async_wait_until
 
-from .support.app_cluster import AppCluster
+from .support.app_cluster import RESPAWN_S, AppCluster
 from .support.pinned import Pinned, close_all, pin_workers
 
 SESSION_COOKIE = re.compile(r"^session=([0-9a-f]{32}); ")
@@ -212,7 +212,8 @@ async def test_login_on_one_worker_is_seen_by_every_worker_even_after_a_sigkill(
 
             os.kill(a.pid, signal.SIGKILL)  # a worker of the uvicorn this test started
             await close_all(pinned)
-            pinned = await pin_workers(cluster.base, 4)  # uvicorn started a new worker
+            # uvicorn started a new worker
+            pinned = await pin_workers(cluster.base, 4, timeout=RESPAWN_S)
             assert a.instance not in pinned and a.pid not in {g[0].pid for g in pinned.values()}
             await expect_everywhere(pinned, sid, 200)
 

@@ -22,6 +22,11 @@ from .procs import ROOT, Proc
 from .sse_client import SSEClient
 
 HOST = "127.0.0.1"
+WORKER_HEALTHCHECK_S = 60  # long, so a worker slow on 2 busy cores is never killed for it
+# How long uvicorn may take to replace a SIGKILLed worker: it notices a dead worker on its
+# next health check, but a kill that lands while it waits for that worker's pong is seen
+# only when the wait times out; then the new worker starts up.
+RESPAWN_S = WORKER_HEALTHCHECK_S + 30
 
 
 class AppCluster:
@@ -66,7 +71,7 @@ class AppCluster:
             "--log-level",
             "warning",
             "--timeout-worker-healthcheck",
-            "60",
+            str(WORKER_HEALTHCHECK_S),
             "--timeout-graceful-shutdown",
             "20",
             env=full_env,
