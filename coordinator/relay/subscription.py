@@ -12,6 +12,11 @@ once, in id order.
 While a subscription is *replaying* (right after subscribe, and while the
 relay backfills after a Redis reconnect), live frames are held aside and
 merged with the replayed ones, sorted by id, when it goes live again.
+
+Two ways to consume it: iterate it (one task wakes per batch of frames), or
+register a synchronous consumer with :meth:`Subscription.consume` and drain
+with :meth:`Subscription.take` (no task wakes: the HTTP layer writes frames
+to the socket in the same pass that queued them).
 """
 
 from __future__ import annotations
@@ -69,7 +74,8 @@ class Subscription:
         self._reset: bytes | None = None
         self._live = False
         self._backfilling = False
-        self._wakeup = asyncio.Event()
+        self._wakeup: asyncio.Event | None = None  # made by the first iterator that waits
+        self._consumer: Callable[[], None] | None = None
         self._callbacks: list[Callable[[CloseReason], None]] = []
 
     # -- relay side -------------------------------------------------------------
@@ -91,7 +97,7 @@ class Subscription:
         self._queue.append(frame)
         self.last_id = event_id
         self._stats.events_delivered += 1
-        self._wakeup.set()
+        self._ready()
 
     @property
     def cursor(self) -> EventId | None:
@@ -133,7 +139,7 @@ class Subscription:
         self._capacity = self._base + len(self._queue)
         self._live, self._backfilling = True, False
         if self._queue:
-            self._wakeup.set()
+            self._ready()
         return added
 
     def close(self, reason: CloseReason) -> None:
@@ -150,7 +156,7 @@ class Subscription:
             self._on_discard(self)
         if reason == "overflow":
             self._stats.clients_dropped += 1
-        self._wakeup.set()
+        self._ready()
         callbacks, self._callbacks = self._callbacks, []
         for callback in callbacks:
             self._call(callback, reason)
@@ -173,11 +179,45 @@ class Subscription:
         except Exception:
             logger.exception("on_close callback %r of %r raised", callback, self)
 
+    def _ready(self) -> None:
+        """Frames were queued, or the subscription closed: tell the consumer."""
+        if self._consumer is not None:
+            self._consumer()
+        elif self._wakeup is not None:
+            self._wakeup.set()
+
     # -- consumer side ----------------------------------------------------------
     @property
     def queued(self) -> int:
         """Frames waiting to be read."""
         return len(self._queue)
+
+    def take(self) -> bytes | None:
+        """The queued frames (at most ``MAX_BATCH``) joined into one chunk; ``None`` if none."""
+        queue = self._queue
+        if not queue:
+            return None
+        count = min(len(queue), MAX_BATCH)
+        popleft = queue.popleft
+        chunk = popleft() if count == 1 else b"".join([popleft() for _ in range(count)])
+        if self._capacity > self._base:
+            self._capacity = max(self._base, self._capacity - count)
+        return chunk
+
+    def consume(self, ready: Callable[[], None]) -> None:
+        """Call ``ready()`` whenever frames are queued or the subscription closes,
+        instead of waking an iterator; the consumer drains with :meth:`take`.
+
+        ``ready`` runs synchronously where the push happens (inside the relay's
+        listener), so it must not block or raise; it may call :meth:`take`. If
+        frames are already queued, or the subscription is closed, it is called
+        at once. One consumer per subscription, and then do not iterate it.
+        """
+        if self._consumer is not None:
+            raise RuntimeError(f"{self!r} already has a consumer")
+        self._consumer = ready
+        if self._queue or self.closed is not None:
+            ready()
 
     def __aiter__(self) -> Subscription:
         return self
@@ -186,13 +226,12 @@ class Subscription:
         while not self._queue:
             if self.closed is not None:
                 raise StopAsyncIteration
+            if self._wakeup is None:
+                self._wakeup = asyncio.Event()
             self._wakeup.clear()
             await self._wakeup.wait()
-        count = min(len(self._queue), MAX_BATCH)
-        popleft = self._queue.popleft
-        chunk = popleft() if count == 1 else b"".join([popleft() for _ in range(count)])
-        if self._capacity > self._base:
-            self._capacity = max(self._base, self._capacity - count)
+        chunk = self.take()
+        assert chunk is not None
         return chunk
 
     async def aclose(self) -> None:

@@ -8,8 +8,9 @@ cluster-wide per-client limits and ``/metrics``.
 from coordinator.web.authz import Authorizer, allow_all, bearer_token_policy
 from coordinator.web.coordinator import Coordinator
 from coordinator.web.sessions import begin_session, end_session, install_sessions, session_data
-from coordinator.web.sse import ChannelEventResponse, channel_router
+from coordinator.web.sse import channel_router
 from coordinator.web.state import state_router
+from coordinator.web.stream import ChannelEventResponse
 
 __all__ = [
     "Authorizer",

@@ -17,13 +17,11 @@ from __future__ import annotations
 import asyncio
 import signal
 
+from sse_starlette.sse import AppStatus  # importing it patches uvicorn's exit handler
+
 
 def server_is_exiting() -> bool:
     """True once uvicorn (directly or under gunicorn) has been told to exit."""
-    try:
-        from sse_starlette.sse import AppStatus
-    except ImportError:  # pragma: no cover - sse-starlette is a dependency
-        return False
     if not AppStatus.enable_automatic_graceful_drain:
         return False  # the app manages shutdown itself
     if AppStatus.should_exit:

@@ -20,13 +20,16 @@ clients such as ``EventSource`` that cannot read headers), sends a comment
 every ``sse_ping_s`` so proxies keep it open, and ends:
 
 - when the client disconnects (its subscription is dropped at once);
-- when the client falls ``relay_client_queue`` events behind: the response is
-  cancelled even if a write is blocked, and the connection is closed (uvicorn
-  logs "ASGI callable returned without completing response"); the client
-  reconnects and replays;
-- on server shutdown: sse-starlette sees uvicorn's exit flag and the stream
-  finishes within about a second, so uvicorn does not wait on open streams;
-  :meth:`EventRelay.stop` ends any that remain.
+- when the client falls ``relay_client_queue`` events behind: the connection is
+  closed without a final chunk, even if a write is blocked (uvicorn logs "ASGI
+  callable returned without completing response"); the client reconnects and
+  replays;
+- on server shutdown: one watcher per process sees uvicorn's exit flag and the
+  streams write what is queued and finish at once, so uvicorn does not wait on
+  them; :meth:`EventRelay.stop` ends any that remain.
+
+The stream is a :class:`~coordinator.web.stream.ChannelEventResponse`: no task per
+connection and no task wakeup per event (see :mod:`coordinator.web.stream`).
 
 Authorization: pass ``authorize=`` a callable ``(request, channel, action)``,
 ``action`` being ``"subscribe"`` or ``"publish"``, returning ``bool`` or an
@@ -43,13 +46,10 @@ request through with ``limits_fail_open``.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
-import anyio
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
-from sse_starlette.sse import EventSourceResponse
-from starlette.types import Receive, Scope, Send
 
 from coordinator.errors import (
     EventTooLargeError,
@@ -59,69 +59,19 @@ from coordinator.errors import (
 )
 from coordinator.relay.events import (
     check_channel,
-    hello_frame,
     parse_event_id,
     parse_publish_body,
-    retry_frame,
 )
 from coordinator.relay.relay import EventRelay
-from coordinator.relay.subscription import Subscription
 from coordinator.settings import CoordinatorSettings
 from coordinator.web.authz import Authorizer, allow_all, is_allowed
 from coordinator.web.bodies import read_json
 from coordinator.web.limits import ClientLimits
+from coordinator.web.stream import ChannelEventResponse
 
 ChannelAction = Literal["subscribe", "publish"]
 ChannelAuthorizer = Authorizer
 INSTANCE_HEADER = "X-Coordinator-Instance"
-SHUTDOWN_GRACE_S = 1.0
-
-
-class ChannelEventResponse(EventSourceResponse):
-    """An ``EventSourceResponse`` streaming one :class:`Subscription`.
-
-    The subscription must already be open (so errors become a status code, not
-    a broken stream); the response closes it when it ends, however it ends.
-    """
-
-    def __init__(
-        self,
-        subscription: Subscription,
-        settings: CoordinatorSettings,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        self.subscription = subscription
-        self._shutdown = anyio.Event()
-        super().__init__(
-            self._frames(settings.sse_retry_ms, settings.instance_id),
-            headers=headers,
-            ping=settings.sse_ping_s,
-            sep="\n",
-            shutdown_event=self._shutdown,
-            shutdown_grace_period=SHUTDOWN_GRACE_S,
-        )
-
-    async def _frames(self, retry_ms: int, instance_id: str) -> Any:
-        yield retry_frame(retry_ms) + hello_frame(instance_id)
-        async for chunk in self.subscription:
-            yield chunk
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        sub = self.subscription
-        try:
-            with anyio.CancelScope() as cut:
-                # A client too far behind may be stuck in a blocked write: cancel it all.
-                sub.on_close(lambda reason: cut.cancel() if reason == "overflow" else None)
-                async with anyio.create_task_group() as tasks:
-                    tasks.start_soon(self._end_on_shutdown)
-                    await super().__call__(scope, receive, send)
-                    tasks.cancel_scope.cancel()
-        finally:
-            await sub.aclose()
-
-    async def _end_on_shutdown(self) -> None:
-        await self._shutdown.wait()
-        self.subscription.close("shutdown")
 
 
 def channel_router(
@@ -196,7 +146,7 @@ def channel_router(
     @router.get(
         "/{channel}/events",
         summary="Stream a channel's events (Server-Sent Events)",
-        response_class=EventSourceResponse,
+        response_class=ChannelEventResponse,
         responses={200: {"content": {"text/event-stream": {}}}},
     )
     async def stream(

@@ -4,12 +4,14 @@ Run: ``uvicorn tests.support.relay_app:app --workers 4`` from the repo root, wit
 ``REDIS_URL`` and ``COORDINATOR_NAMESPACE`` (and any ``COORDINATOR_RELAY_*``) set.
 
 Paths: the channel router under ``/api/channels``, ``/readyz`` (200 when the
-relay is subscribed, else 503), ``/relay/stats`` (this worker's counters).
+relay is subscribed, else 503), ``/relay/stats`` (this worker's counters, its
+open relay streams, asyncio tasks and file descriptors).
 Every answer carries ``X-Coordinator-Instance``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator
@@ -19,6 +21,7 @@ from fastapi.responses import JSONResponse
 
 from coordinator import CoordinatorSettings, EventRelay, RedisUnavailableError, channel_router
 from coordinator.settings import default_instance_id
+from coordinator.web.stream import open_streams
 
 settings = CoordinatorSettings(instance_id=f"{default_instance_id()}")
 relay = EventRelay(settings)
@@ -58,6 +61,9 @@ async def stats() -> JSONResponse:
             "duplicates_dropped": relay.stats.duplicates_dropped,
             "backfilled_events": relay.stats.backfilled_events,
             "resets_sent": relay.stats.resets_sent,
+            "open_streams": open_streams(),
+            "tasks": len(asyncio.all_tasks()),
+            "fds": len(os.listdir("/proc/self/fd")),
         },
         headers=HEADERS,
     )
