@@ -202,6 +202,33 @@ async def test_slow_subscriber_is_cut_at_the_limit_others_get_everything(
         assert [chunk async for chunk in slow] == []  # iteration ends
 
 
+async def test_a_synchronous_consumer_takes_frames_in_order_in_the_pass_that_queued_them(
+    redis_url: str, namespace: str
+) -> None:
+    async with running(settings(redis_url, namespace, relay_client_queue=50)) as relay:
+        first = await relay.publish("ch", "before")
+        sub = await relay.subscribe("ch", last_event_id=first)  # nothing to replay after it
+        calls: list[int] = []
+        chunks: list[bytes] = []
+
+        def ready() -> None:
+            calls.append(sub.queued)
+            while (chunk := sub.take()) is not None:
+                chunks.append(chunk)
+
+        sub.consume(ready)
+        with pytest.raises(RuntimeError, match="already has a consumer"):
+            sub.consume(ready)
+        ids = [await relay.publish("ch", i) for i in range(30)]
+        await async_wait_until(lambda: b"".join(chunks).count(b"id: ") == 30, 10)
+        text = b"".join(chunks).decode()
+        assert [line[4:] for line in text.split("\n") if line.startswith("id: ")] == ids
+        assert all(queued >= 1 for queued in calls) and sub.queued == 0
+        await sub.aclose()
+        assert sub.closed == "closed" and relay.subscribers == 0
+        assert calls[-1] == 0  # told about the close too
+
+
 async def test_a_raising_on_close_callback_is_isolated(
     redis_url: str, namespace: str, caplog: pytest.LogCaptureFixture
 ) -> None:
