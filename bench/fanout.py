@@ -1,282 +1,772 @@
-"""SSE fan-out over 4 uvicorn workers: coordinator's relay against three baselines.
+"""SSE fan-out over 4 uvicorn workers: an app built on Coordinator against baselines.
 
-    python -m bench fanout [--clients 100,1000] [--events 100] [--rate 20] [--burst 200]
-                           [--systems coordinator,broadcaster,per_client,handrolled]
+    python -m bench fanout [--clients 100,1000,3000,10000] [--systems ...] [--events 100]
+                           [--rate 10] [--burst 200] [--idle 2000] [--load-procs 2]
+    python -m bench fanout --broadcast     # 10,000 streams, 1 event/s, 20 events
 
-For each system and client count, on a fresh redis-server and a fresh
-``uvicorn --workers 4``:
+Systems, each on a fresh redis-server and a fresh ``uvicorn --workers 4``:
 
-1. memory: RSS of all uvicorn processes before and after N idle SSE
-   connections (and Redis's connected clients); per-connection delta.
-2. latency: ``--events`` events published at ``--rate``/s through 4 keep-alive
-   HTTP connections; publish-to-receive time (the ``t`` in the event, on the
-   system-wide monotonic clock) for every (client, event); p50/p99; and the
-   share of expected deliveries that arrived.
-3. throughput: ``--burst`` events published as fast as 4 publishers can; delivered
-   events/s = deliveries / (last delivery - first publish).
+- ``coordinator_app``: the demo (``app.main:app``), built on ``Coordinator`` as the
+  README shows (routes, metrics, logging, sessions middleware), its own jobs kept
+  quiet (``DEMO_*_EVERY_S=3600``, report at second 59).
+- ``relay``: the bare relay router (``tests/support/relay_app.py``).
+- ``handrolled``, ``per_client``, ``broadcaster``: baselines from
+  ``bench/_fanout_apps.py`` (one subscription per process with unbounded queues; one
+  Redis subscription per stream; encode/broadcaster 0.3.1). ``broadcaster`` is opt-in
+  (``--systems ...,broadcaster``): it loses events (its known bugs; 0% to 44% delivered
+  in runs on this machine), so its latencies are of the few that arrived.
 
-Systems: ``coordinator`` (this library, ``tests/support/relay_app.py``) and, from
-``bench/_fanout_apps.py``, ``broadcaster`` (encode/broadcaster 0.3.1 Redis backend +
-sse-starlette; see its known bugs there), ``per_client`` (one Redis subscription
-per SSE client) and ``handrolled`` (one subscription per process, unbounded queues).
+For each system and client count N:
 
-Everything (clients, 4 workers, Redis) shares this machine's cores; the client
-process parses every event, so at high counts it is part of what is measured.
-Prints a markdown table, writes ``bench/results/fanout.json`` and ``bench/fanout.png``.
+1. idle memory: RSS of every uvicorn process (supervisor and workers) before and
+   after N idle streams: KiB per stream (the baseline is taken after 32 streams were
+   opened and closed, so each worker's one-time first-stream costs are not in it).
+   Redis's connected clients then (this script's own connection excluded).
+   ``--idle 2000`` adds a dedicated run per system with 2,000 idle streams and
+   nothing else, the issue's measure ("at most 30 KiB of worker RSS per idle
+   stream, as the RSS delta for 2,000 idle streams").
+2. latency: ``--events`` events at ``--rate``/s from 4 keep-alive HTTP connections
+   (httpx, payload ``{"phase", "seq", "t": time.monotonic()}``); for every (stream,
+   event) the receive time minus ``t``: p50, p99, and the share of deliveries that
+   arrived.
+3. burst: ``--burst`` events as fast as the 4 publishers go; delivered events/s =
+   deliveries / (last delivery - first publish).
+
+CPU seconds of the uvicorn processes, the load clients and redis-server are taken
+(psutil) at each phase boundary; the table shows the latency and burst phases together,
+the JSON each phase. Ratios are against ``handrolled`` at the same N in the same run.
+
+The streams are held by ``--load-procs`` Node processes (``bench/sse_load.mjs``: raw
+sockets, minimal chunked/SSE parsing, a latency histogram; Node 20, no packages), each
+with its share of the streams, connecting in waves; this process only publishes and
+polls them. Node's ``process.hrtime.bigint()`` is CLOCK_MONOTONIC, the clock of Python's
+``time.monotonic()`` on Linux, so latencies compare the two processes' readings. The
+client costs about 2 us of CPU per delivery when reads carry many events and about 7 us
+when each carries one (against a Node server writing frames): one process parses
+140,000-500,000 deliveries/s per core, several times what 4 Python workers send. Still,
+on one machine its CPU is taken from the server's: it is reported next to the server's,
+and a client at 90% of its cores in the burst is flagged (``client_busy``).
+
+Limits for 10,000 streams (all on one machine): open files for the uvicorn workers (N/4
+each plus Redis), the Node processes (N/procs each) and redis-server (maxclients, passed
+as ``--maxclients``; per_client holds N Redis connections). This script raises its soft
+RLIMIT_NOFILE to the hard limit before it starts anything, and children inherit it; if
+the hard limit is below what N needs (it says so), raise it (``ulimit -Hn``,
+``/etc/security/limits.conf``, ``LimitNOFILE=`` or ``docker run --ulimit
+nofile=65536:65536``). The machine these tables come from has a hard limit of 20,000.
+Streams connect in waves of ``--wave`` (200), far below uvicorn's ``--backlog``
+(``--backlog``, 2048 by default, capped by ``net.core.somaxconn``); N client sockets
+use N ephemeral ports of ``net.ipv4.ip_local_port_range``. All are printed at start.
+
+Prints a markdown table (and the idle-memory table), writes ``bench/results/<out>.json``
+and ``bench/<out>.png`` (p99 latency and delivered events/s against clients).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import math
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psutil
+import redis as redis_sync
 
 from coordinator.testing import RedisServer
-from tests.support.app_cluster import HOST, AppCluster
-from tests.support.sse_client import SSEClient, SSEMessage
-
-from ._stats import percentile
+from coordinator.testing.servers import die_with_parent
+from tests.support.app_cluster import HOST, WORKER_HEALTHCHECK_S, AppCluster
+from tests.support.procs import ROOT
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
-APPS = {"coordinator": "tests.support.relay_app:app"}
-SYSTEMS = ["coordinator", "broadcaster", "per_client", "handrolled"]
+LOAD_SCRIPT = HERE / "sse_load.mjs"
+SYSTEMS = ["coordinator_app", "relay", "handrolled", "per_client", "broadcaster"]
+DEFAULT_SYSTEMS = ["coordinator_app", "relay", "handrolled", "per_client"]
+BASELINE = "handrolled"
+APPS = {"coordinator_app": "app.main:app", "relay": "tests.support.relay_app:app"}
+QUIET = {  # the demo's own jobs publish rarely (as tests/test_metrics.py keeps them)
+    "DEMO_COLLECT_EVERY_S": "3600",
+    "DEMO_CLEANUP_EVERY_S": "3600",
+    "DEMO_REPORT_CRON_SECOND": "59",
+}
+CHANNEL = "bench"
+PATH = f"/api/channels/{CHANNEL}/events"
+WARMUP = 32  # streams opened and closed before the idle-memory baseline
 
 
-def tree_rss(pid: int) -> int:
+# -- the machine ---------------------------------------------------------------------------
+
+
+def raise_nofile() -> tuple[int, int]:
+    """Soft RLIMIT_NOFILE up to the hard limit (children inherit it); returns both."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text().strip().replace("\t", " ")
+    except OSError:
+        return "?"
+
+
+def _version(argv: list[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    return out.strip()
+
+
+def hardware() -> dict[str, Any]:
+    import uvicorn
+
+    model = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    redis_version = _version([shutil.which("redis-server") or "redis-server", "--version"])
+    return {
+        "cpu": model,
+        "cores": psutil.cpu_count(),
+        "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "uvicorn": uvicorn.__version__,
+        "redis_server": redis_version.split(" v=")[-1].split()[0]
+        if " v=" in redis_version
+        else "?",
+        "node": _version(["node", "--version"]),
+    }
+
+
+def limits(nofile: tuple[int, int]) -> dict[str, Any]:
+    return {
+        "nofile_soft": nofile[0],
+        "nofile_hard": nofile[1],
+        "somaxconn": _read("/proc/sys/net/core/somaxconn"),
+        "tcp_max_syn_backlog": _read("/proc/sys/net/ipv4/tcp_max_syn_backlog"),
+        "ip_local_port_range": _read("/proc/sys/net/ipv4/ip_local_port_range"),
+    }
+
+
+# -- processes: memory and CPU ----------------------------------------------------------
+
+
+def tree(pid: int) -> list[psutil.Process]:
     try:
         root = psutil.Process(pid)
-        return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+        return [root, *root.children(recursive=True)]
     except psutil.Error:
-        return 0
+        return []
 
 
-class Recorder:
-    """Collects (event seq, latency) from every client's messages as they arrive."""
-
-    def __init__(self) -> None:
-        self.latencies: dict[str, list[float]] = {}
-        self.counts: dict[str, int] = {}
-        self.last_arrival = 0.0
-
-    def __call__(self, message: SSEMessage) -> None:
-        if message.event != "message":  # e.g. a greeting event
-            return
-        data = json.loads(message.data)
-        if isinstance(data, str):  # the baselines send the JSON text as a string
-            data = json.loads(data)
-        phase = data["phase"]
-        self.latencies.setdefault(phase, []).append(message.t - data["t"])
-        self.counts[phase] = self.counts.get(phase, 0) + 1
-        self.last_arrival = message.t
+def rss(processes: Sequence[psutil.Process]) -> int:
+    total = 0
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            total += process.memory_info().rss
+    return total
 
 
-async def connect_all(port: int, path: str, n: int, recorder: Recorder) -> list[SSEClient]:
-    clients: list[SSEClient] = []
-    for start in range(0, n, 200):  # in waves, so the accept queue is not overrun
-        wave = [
-            SSEClient(HOST, port, path, on_message=recorder) for _ in range(min(200, n - start))
-        ]
-        await asyncio.gather(*(c.connect(timeout=60) for c in wave))
-        clients += [c.start() for c in wave if c.status == 200]
+def cpu(processes: Sequence[psutil.Process]) -> float:
+    total = 0.0
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            times = process.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+# -- load clients ---------------------------------------------------------------------------
+
+
+class LoadClients:
+    """``procs`` Node processes (``sse_load.mjs``) holding ``n`` streams between them."""
+
+    def __init__(self, procs: list[asyncio.subprocess.Process], connected: list[dict[str, Any]]):
+        self.procs = procs
+        self.connected = connected
+        self.ps = [psutil.Process(p.pid) for p in procs]
+
+    @classmethod
+    async def start(
+        cls, port: int, path: str, n: int, procs: int, wave: int, timeout: float = 120
+    ) -> LoadClients:
+        node = shutil.which("node")
+        if node is None:
+            raise RuntimeError("node (20+) is not on PATH: bench/sse_load.mjs needs it")
+        shares = [n // procs + (1 if i < n % procs else 0) for i in range(procs)]
+        started = []
+        for share in (s for s in shares if s):
+            opts = {
+                "host": HOST,
+                "port": port,
+                "path": path,
+                "n": share,
+                "wave": max(1, wave // procs),
+                "timeout_s": 60,
+            }
+            started.append(
+                await asyncio.create_subprocess_exec(
+                    node,
+                    str(LOAD_SCRIPT),
+                    json.dumps(opts),
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,
+                    limit=1 << 26,
+                    preexec_fn=die_with_parent(),
+                )
+            )
+        load = cls(started, [])
+        try:
+            load.connected = await asyncio.wait_for(
+                asyncio.gather(*(load._line(p) for p in started)), timeout
+            )
+        except BaseException:
+            await load.close()
+            raise
+        return load
+
+    @staticmethod
+    async def _line(proc: asyncio.subprocess.Process) -> dict[str, Any]:
+        assert proc.stdout is not None
+        line = await proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"load client {proc.pid} exited ({await proc.wait()})")
+        return json.loads(line)
+
+    async def ask(self, command: str) -> list[dict[str, Any]]:
+        for proc in self.procs:
+            assert proc.stdin is not None
+            proc.stdin.write(command.encode() + b"\n")
+        return await asyncio.gather(*(self._line(p) for p in self.procs))
+
+    async def stats(self) -> dict[str, Any]:
+        """Every process's stats merged: counts summed, first/last the extremes."""
+        merged: dict[str, Any] = {"statuses": {}, "phases": {}}
+        for part in await self.ask("stats"):
+            for key in ("connected", "failed", "ended", "open", "other_events", "bad_events"):
+                merged[key] = merged.get(key, 0) + part[key]
+            for code, count in part["statuses"].items():
+                merged["statuses"][code] = merged["statuses"].get(code, 0) + count
+            for name, phase in part["phases"].items():
+                into = merged["phases"].setdefault(name, {"count": 0, "first": math.inf, "last": 0})
+                into["count"] += phase["count"]
+                into["first"] = min(into["first"], phase["first"])
+                into["last"] = max(into["last"], phase["last"])
+        return merged
+
+    async def histogram(self, phase: str) -> list[tuple[float, int]]:
+        """Latencies (ms, bucket middles) and their counts, merged and sorted."""
+        merged: dict[float, int] = {}
+        for part in await self.ask(f"hist {phase}"):
+            for ms, count in part["buckets"]:
+                merged[ms] = merged.get(ms, 0) + count
+        return sorted(merged.items())
+
+    def cpu_s(self) -> float:
+        return cpu(self.ps)
+
+    async def close(self) -> None:
+        for proc in self.procs:
+            if proc.returncode is None and proc.stdin is not None:
+                with contextlib.suppress(OSError, RuntimeError):
+                    proc.stdin.write(b"close\n")
+        for proc in self.procs:
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+def hist_percentile(hist: list[tuple[float, int]], q: float) -> float:
+    """Nearest-rank percentile (as ``bench._stats.percentile``) of a sorted histogram."""
+    total = sum(count for _, count in hist)
+    if not total:
+        return math.nan
+    rank = min(total - 1, max(0, round(q / 100 * (total - 1))))
+    seen = 0
+    for value, count in hist:
+        seen += count
+        if seen > rank:
+            return value
+    return hist[-1][0]
+
+
+# -- publishing -----------------------------------------------------------------------------
+
+
+async def publishers(base: str) -> list[httpx.AsyncClient]:
+    """4 keep-alive HTTP clients, each pinned to one connection, already connected."""
+    clients = [
+        httpx.AsyncClient(base_url=base, timeout=30, limits=httpx.Limits(max_connections=1))
+        for _ in range(4)
+    ]
+    for client in clients:
+        with contextlib.suppress(httpx.HTTPError):
+            await client.get("/readyz")
     return clients
 
 
 async def publish_phase(
-    base: str, channel: str, phase: str, count: int, rate: float | None, errors: list[Any]
+    clients: list[httpx.AsyncClient], phase: str, count: int, rate: float | None, errors: list[Any]
 ) -> float:
-    """Publish ``count`` events over 4 connections; returns when the first was sent.
-    Failed publishes are appended to ``errors`` (a failing baseline is a result too)."""
-    publishers = [
-        httpx.AsyncClient(base_url=base, timeout=30, limits=httpx.Limits(max_connections=1))
-        for _ in range(4)
-    ]
+    """Publish ``count`` events, ``rate``/s or as fast as possible; returns when it began.
+    Failed publishes are appended to ``errors`` (a failing system is a result too)."""
     first = time.monotonic()
 
     async def worker(index: int) -> None:
-        for seq in range(index, count, 4):
+        for seq in range(index, count, len(clients)):
             if rate:
                 await asyncio.sleep(max(0.0, first + seq / rate - time.monotonic()))
             body = {"data": {"phase": phase, "seq": seq, "t": time.monotonic()}}
             try:
-                response = await publishers[index].post(
-                    f"/api/channels/{channel}/events", json=body
-                )
+                response = await clients[index].post(f"/api/channels/{CHANNEL}/events", json=body)
                 if response.status_code != 202:
                     errors.append(response.status_code)
             except httpx.HTTPError as exc:
                 errors.append(type(exc).__name__)
 
-    try:
-        await asyncio.gather(*(worker(i) for i in range(4)))
-    finally:
-        for client in publishers:
-            await client.aclose()
+    await asyncio.gather(*(worker(i) for i in range(len(clients))))
     return first
 
 
 async def settle(
-    recorder: Recorder, phase: str, expected: int, quiet: float = 2.0, limit: float = 60.0
-) -> None:
+    load: LoadClients, phase: str, expected: int, quiet: float = 3.0, limit: float = 180.0
+) -> dict[str, Any]:
     """Wait until all expected deliveries arrived, or none arrived for ``quiet`` seconds."""
     started = time.monotonic()
     last_count, last_change = -1, time.monotonic()
-    while time.monotonic() - started < limit:
-        count = recorder.counts.get(phase, 0)
-        if count >= expected:
-            return
+    while True:
+        stats = await load.stats()
+        count = stats["phases"].get(phase, {}).get("count", 0)
+        if count >= expected or time.monotonic() - started > limit:
+            return stats
         if count != last_count:
             last_count, last_change = count, time.monotonic()
         elif time.monotonic() - last_change > quiet:
-            return
-        await asyncio.sleep(0.05)
+            return stats
+        await asyncio.sleep(0.25)
 
 
-async def run_one(system: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
+# -- one system at one client count ---------------------------------------------------------
+
+
+class Cpu:
+    """CPU seconds of the server (uvicorn tree), clients, Redis and this driver."""
+
+    def __init__(self, server_pid: int, redis_pid: int | None, load: LoadClients | None):
+        self.server_pid = server_pid
+        self.redis = tree(redis_pid)[:1] if redis_pid else []
+        self.load = load
+        self.me = [psutil.Process()]
+
+    def snapshot(self) -> dict[str, float]:
+        return {
+            "wall": time.monotonic(),
+            "server": cpu(tree(self.server_pid)),
+            "client": self.load.cpu_s() if self.load else 0.0,
+            "redis": cpu(self.redis),
+            "driver": cpu(self.me),
+        }
+
+
+def delta(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    return {key: round(b[key] - a[key], 3) for key in a}
+
+
+def make_cluster(system: str, redis_url: str, args: argparse.Namespace, tmp: str) -> AppCluster:
+    env = {"COORDINATOR_SSE_PING_S": "15"}
+    if system == "coordinator_app":
+        env |= {**QUIET, "PROMETHEUS_MULTIPROC_DIR": tmp}
+    elif system not in APPS:
+        env["BENCH_MODE"] = system
+    app = APPS.get(system, "bench._fanout_apps:app")
+
+    def command(port: int) -> list[str]:  # AppCluster's uvicorn line, plus --backlog
+        return [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            app,
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+            "--workers",
+            "4",
+            "--log-level",
+            "warning",
+            "--timeout-worker-healthcheck",
+            str(WORKER_HEALTHCHECK_S),
+            "--timeout-graceful-shutdown",
+            "20",
+            "--backlog",
+            str(args.backlog),
+        ]
+
     namespace = f"bench{uuid.uuid4().hex[:8]}"
-    with RedisServer(extra_args=["--maxclients", "20000"]) as server:
-        env = {"BENCH_MODE": system, "COORDINATOR_SSE_PING_S": "15"}
-        app = APPS.get(system, "bench._fanout_apps:app")
-        cluster = AppCluster(server.url, namespace, workers=4, env=env, app=app)
-        redis = server.url
+    return AppCluster(redis_url, namespace, workers=4, env=env, command=command, cwd=ROOT)
+
+
+async def run_one(
+    system: str, n: int, args: argparse.Namespace, idle_only: bool = False
+) -> dict[str, Any]:
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    maxclients = max(10_000, 2 * n + 1000)
+    if hard != resource.RLIM_INFINITY:
+        maxclients = min(maxclients, hard - 32)  # redis-server needs 32 fds of its own
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-fanout-") as tmp,
+        RedisServer(extra_args=["--maxclients", str(maxclients)]) as server,
+    ):
+        cluster = make_cluster(system, server.url, args, tmp)
+        info = redis_sync.Redis.from_url(server.url)
+        load: LoadClients | None = None
+        clients: list[httpx.AsyncClient] = []
         try:
             await cluster.wait_ready()
+            # A few streams opened and closed first, so one-time costs (lazy imports, caches)
+            # of each worker's first stream are not counted as per-stream memory.
+            warm = await LoadClients.start(cluster.port, PATH, WARMUP, 1, WARMUP)
+            await warm.close()
             await asyncio.sleep(1.0)
-            rss_before = tree_rss(cluster.proc.pid)
-            recorder = Recorder()
-            path = "/api/channels/bench/events"
-            clients = await connect_all(cluster.port, path, n, recorder)
+            rss_before = rss(tree(cluster.proc.pid))
+            meter = Cpu(cluster.proc.pid, server.pid, None)
+            cpu0 = meter.snapshot()
+            load = await LoadClients.start(
+                cluster.port, PATH, n, args.load_procs, args.wave, timeout=60 + n / 50
+            )
+            meter.load = load
+            cpu0["client"] = 0.0  # the clients did not exist before
             await asyncio.sleep(1.0 + n / 1000)  # let subscriptions settle before measuring
-            rss_after = tree_rss(cluster.proc.pid)
-            import redis as redis_sync
-
-            info = redis_sync.Redis.from_url(redis).info("clients")
-            errors: list[Any] = []
-            await publish_phase(cluster.base, "bench", "latency", args.events, args.rate, errors)
-            await settle(recorder, "latency", args.events * len(clients))
-            first = await publish_phase(cluster.base, "bench", "burst", args.burst, None, errors)
-            await settle(recorder, "burst", args.burst * len(clients))
-            burst_count = recorder.counts.get("burst", 0)
-            elapsed = max(1e-6, recorder.last_arrival - first)
-            lat = [v * 1000 for v in recorder.latencies.get("latency", [])]
-            result = {
+            rss_after = rss(tree(cluster.proc.pid))
+            stats = await load.stats()
+            streams = stats["statuses"].get("200", 0)
+            cpu1 = meter.snapshot()
+            result: dict[str, Any] = {
                 "system": system,
                 "clients": n,
-                "connected": len(clients),
-                "p50_ms": percentile(lat, 50),
-                "p99_ms": percentile(lat, 99),
-                "delivered_pct": 100 * len(lat) / max(1, args.events * len(clients)),
-                "burst_delivered_pct": 100 * burst_count / max(1, args.burst * len(clients)),
-                "events_per_s": burst_count / elapsed,
-                "rss_per_conn_kb": (rss_after - rss_before) / max(1, len(clients)) / 1024,
-                "redis_clients": int(info["connected_clients"]),
+                "connected": streams,
+                "statuses": stats["statuses"],
+                "connect_failed": stats["failed"],
+                "connect_s": round(max(c["connect_s"] for c in load.connected), 2),
+                "rss_before_mib": round(rss_before / 2**20, 1),
+                "rss_after_mib": round(rss_after / 2**20, 1),
+                "kib_per_stream": (rss_after - rss_before) / max(1, streams) / 1024,
+                "redis_clients": int(info.info("clients")["connected_clients"]) - 1,
+                "cpu_connect": delta(cpu0, cpu1),
+            }
+            if idle_only:
+                return result
+            errors: list[Any] = []
+            clients = await publishers(cluster.base)
+            await publish_phase(clients, "latency", args.events, args.rate, errors)
+            stats = await settle(load, "latency", args.events * streams)
+            cpu2 = meter.snapshot()
+            hist = await load.histogram("latency")
+            delivered = sum(count for _, count in hist)
+            result |= {
+                "p50_ms": hist_percentile(hist, 50),
+                "p99_ms": hist_percentile(hist, 99),
+                "max_ms": hist[-1][0] if hist else math.nan,
+                "delivered_pct": 100 * delivered / max(1, args.events * streams),
+                "cpu_latency": delta(cpu1, cpu2),
+            }
+            cpu3 = cpu2
+            if args.burst:
+                first = await publish_phase(clients, "burst", args.burst, None, errors)
+                stats = await settle(load, "burst", args.burst * streams)
+                cpu3 = meter.snapshot()
+                burst = stats["phases"].get("burst", {"count": 0, "last": first})
+                elapsed = max(1e-6, burst["last"] - first)
+                result |= {
+                    "burst_delivered_pct": 100 * burst["count"] / max(1, args.burst * streams),
+                    "events_per_s": burst["count"] / elapsed if burst["count"] else 0.0,
+                    "burst_s": round(elapsed, 3),
+                    "cpu_burst": delta(cpu2, cpu3),
+                }
+                per = 1e6 / max(1, burst["count"])  # CPU microseconds per delivery, burst
+                result["burst_us_per_delivery"] = {
+                    key: round(result["cpu_burst"][key] * per, 2)
+                    for key in ("server", "client", "redis")
+                }
+            measured = delta(cpu1, cpu3)
+            busiest = result.get("cpu_burst", result["cpu_latency"])  # the burst, if any
+            busy = busiest["client"] / max(1e-6, busiest["wall"] * len(load.procs))
+            result |= {
+                "server_cpu_s": measured["server"],
+                "client_cpu_s": measured["client"],
+                "redis_cpu_s": measured["redis"],
+                "client_busy": round(busy, 2),  # of its processes' cores in the burst; 1 = full
+                "streams_ended": stats["ended"],
+                "bad_events": stats["bad_events"],
                 "publish_errors": len(errors),
                 "publish_error_kinds": sorted({str(e) for e in errors}),
             }
-            for client in clients:
-                await client.close()
             return result
         finally:
+            for client in clients:
+                await client.aclose()
+            if load is not None:
+                await load.close()
+            info.close()
             cluster.stop()
 
 
+# -- output ---------------------------------------------------------------------------------
+
+
+def _num(value: Any, spec: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, spec)
+
+
+def _ratio(ours: Any, theirs: Any) -> str:
+    if not ours or not theirs or math.isnan(ours) or math.isnan(theirs):
+        return "-"
+    return f"{ours / theirs:.2f}"
+
+
 def table(results: list[dict[str, Any]]) -> str:
-    base = {(r["clients"]): r for r in results if r["system"] == "coordinator"}
+    base = {r["clients"]: r for r in results if r["system"] == BASELINE and "error" not in r}
     lines = [
-        "| system | clients | p50 ms | p99 ms | delivered | events/s | coordinator/system events/s "
-        "| RSS/conn KiB | Redis conns | failed publishes |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| system | clients | p50 ms | p99 ms | p99 vs handrolled | delivered | events/s "
+        "| events/s vs handrolled | KiB/stream | KiB/stream vs handrolled | Redis conns "
+        "| server CPU s | client CPU s | Redis CPU s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| ---: | ---: |",
     ]
     for r in results:
         if "error" in r:
             lines.append(
-                f"| {r['system']} | {r['clients']} | failed: {r['error'][:60]} | | | | | | |"
+                f"| {r['system']} | {r['clients']} | failed: {r['error'][:80]} |" + " |" * 11
             )
             continue
-        ours = base.get(r["clients"])
-        ratio = ours["events_per_s"] / r["events_per_s"] if ours and r["events_per_s"] else 0
+        hb = base.get(r["clients"], {})
+        delivered = f"{r['delivered_pct']:.1f}%"
+        if "burst_delivered_pct" in r and round(r["burst_delivered_pct"], 1) != 100.0:
+            delivered += f" (burst {r['burst_delivered_pct']:.1f}%)"
+        if r["connected"] < r["clients"]:
+            delivered += f" ({r['connected']} streams)"
         lines.append(
-            f"| {r['system']} | {r['clients']} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} "
-            f"| {r['delivered_pct']:.1f}% | {r['events_per_s']:,.0f} | {ratio:.2f} "
-            f"| {r['rss_per_conn_kb']:.1f} | {r['redis_clients']} | {r['publish_errors']} |"
+            f"| {r['system']} | {r['clients']} | {_num(r['p50_ms'], '.1f')} "
+            f"| {_num(r['p99_ms'], '.1f')} | {_ratio(r['p99_ms'], hb.get('p99_ms'))} "
+            f"| {delivered} | {_num(r.get('events_per_s'), ',.0f')} "
+            f"| {_ratio(r.get('events_per_s'), hb.get('events_per_s'))} "
+            f"| {r['kib_per_stream']:.1f} "
+            f"| {_ratio(r['kib_per_stream'], hb.get('kib_per_stream'))} "
+            f"| {r['redis_clients']} | {r['server_cpu_s']:.1f} | {r['client_cpu_s']:.1f} "
+            f"| {r['redis_cpu_s']:.1f} |"
         )
     return "\n".join(lines)
 
 
-def chart(results: list[dict[str, Any]], path: Path) -> None:
+def idle_table(results: list[dict[str, Any]]) -> str:
+    base = next((r for r in results if r["system"] == BASELINE and "error" not in r), {})
+    lines = [
+        "| system | idle streams | RSS before MiB | RSS after MiB | KiB/stream "
+        "| vs handrolled | Redis conns |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['system']} | {r['clients']} | failed: {r['error'][:80]} | | | | |")
+            continue
+        lines.append(
+            f"| {r['system']} | {r['connected']} | {r['rss_before_mib']:.0f} "
+            f"| {r['rss_after_mib']:.0f} | {r['kib_per_stream']:.1f} "
+            f"| {_ratio(r['kib_per_stream'], base.get('kib_per_stream'))} | {r['redis_clients']} |"
+        )
+    return "\n".join(lines)
+
+
+def chart(results: list[dict[str, Any]], title: str, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    systems = list(dict.fromkeys(r["system"] for r in results))
-    counts = sorted({r["clients"] for r in results})
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    good = [r for r in results if "error" not in r]
+    systems = list(dict.fromkeys(r["system"] for r in good))
+    counts = sorted({r["clients"] for r in good})
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     panels = [
         ("p99_ms", "p99 publish-to-receive latency (ms, log)", True),
-        ("delivered_pct", "deliveries that arrived (%)", False),
         ("events_per_s", "delivered events/s (burst)", False),
     ]
-    width = 0.8 / max(1, len(systems))
-    for ax, (key, title, log) in zip(axes, panels, strict=True):
-        for i, system in enumerate(systems):
-            values = [
-                next(
-                    (r.get(key, 0) for r in results if r["system"] == system and r["clients"] == c),
-                    0,
-                )
-                for c in counts
-            ]
-            ax.bar([x + i * width for x in range(len(counts))], values, width, label=system)
-        ax.set_xticks([x + width * (len(systems) - 1) / 2 for x in range(len(counts))])
-        ax.set_xticklabels([f"{c} clients" for c in counts])
-        ax.set_title(title)
-        if log and any(r.get(key, 0) > 0 for r in results):
+    for ax, (key, label, log_y) in zip(axes, panels, strict=True):
+        for system in systems:
+            rows = sorted(
+                (
+                    r
+                    for r in good
+                    if r["system"] == system and r.get(key) and not math.isnan(r[key])
+                ),
+                key=lambda r: r["clients"],
+            )
+            if not rows:
+                continue
+            partial = any(r["delivered_pct"] < 99.95 for r in rows)
+            ax.plot(
+                [r["clients"] for r in rows],
+                [r[key] for r in rows],
+                marker="o",
+                linestyle="--" if partial else "-",
+                label=f"{system} (not all delivered)" if partial else system,
+            )
+        ax.set_xscale("log")
+        ax.set_xticks(counts, [f"{c:,}" for c in counts])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        if log_y:
             ax.set_yscale("log")
+            ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("SSE clients (log)")
+        ax.set_title(label)
+        ax.grid(True, which="both", alpha=0.3)
     axes[0].legend()
-    fig.suptitle("SSE fan-out over 4 uvicorn workers")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
-def main(argv: list[str]) -> int:
+# -- main -----------------------------------------------------------------------------------
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench fanout",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--clients", default="100,1000")
-    parser.add_argument("--events", type=int, default=100, help="latency phase events")
-    parser.add_argument("--rate", type=float, default=10.0, help="latency phase events/s")
-    parser.add_argument("--burst", type=int, default=200, help="throughput phase events")
-    parser.add_argument("--systems", default=",".join(SYSTEMS))
-    parser.add_argument("--out", default="fanout")
+    parser.add_argument("--clients", help="client counts (default 100,1000,3000,10000)")
+    parser.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS), help=", ".join(SYSTEMS))
+    parser.add_argument("--events", type=int, help="latency phase events (default 100)")
+    parser.add_argument("--rate", type=float, help="latency phase events/s (default 10)")
+    parser.add_argument("--burst", type=int, help="burst phase events, 0 for none (default 200)")
+    parser.add_argument(
+        "--idle", type=int, help="a dedicated idle-memory run per system, 0 for none (2000)"
+    )
+    parser.add_argument(
+        "--broadcast",
+        action="store_true",
+        help="broadcast mode: defaults become 10000 clients, 20 events at 1/s, no burst, no "
+        "idle run, --out fanout_broadcast",
+    )
+    parser.add_argument("--load-procs", type=int, default=2, help="Node client processes")
+    parser.add_argument("--wave", type=int, default=200, help="streams connecting at once")
+    parser.add_argument("--backlog", type=int, default=2048, help="uvicorn --backlog")
+    parser.add_argument("--out", help="results name (default fanout)")
     args = parser.parse_args(argv)
+    defaults: dict[str, Any] = (
+        {"clients": "10000", "events": 20, "rate": 1.0, "burst": 0, "idle": 0}
+        if args.broadcast
+        else {"clients": "100,1000,3000,10000", "events": 100, "rate": 10.0, "burst": 200}
+    )
+    defaults |= {
+        "idle": defaults.get("idle", 2000),
+        "out": "fanout_broadcast" if args.broadcast else "fanout",
+    }
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    unknown = set(args.systems.split(",")) - set(SYSTEMS)
+    if unknown:
+        parser.error(f"unknown systems {sorted(unknown)}; known: {', '.join(SYSTEMS)}")
+    return args
+
+
+def main(argv: list[str]) -> int:
+    args = parse(argv)
+    counts = [int(c) for c in args.clients.split(",")]
+    systems = args.systems.split(",")
+    nofile = raise_nofile()
+    machine, limit = hardware(), limits(nofile)
+    print(
+        f"hardware: {machine['cpu']}, {machine['cores']} cores, {machine['ram_gib']} GiB RAM; "
+        f"Python {machine['python']}, uvicorn {machine['uvicorn']}, "
+        f"redis-server {machine['redis_server']}, node {machine['node']}"
+    )
+    print(
+        f"limits: open files {limit['nofile_soft']} (hard {limit['nofile_hard']}), somaxconn "
+        f"{limit['somaxconn']}, uvicorn --backlog {args.backlog}, ephemeral ports "
+        f"{limit['ip_local_port_range']}; {args.load_procs} load processes, waves of {args.wave}"
+    )
+    need = max([*counts, args.idle]) + 2000
+    if nofile[0] < need:
+        print(f"WARNING: open files {nofile[0]} < ~{need} needed for {max(counts)} streams")
     results: list[dict[str, Any]] = []
+    idle: list[dict[str, Any]] = []
+
+    async def attempt(system: str, n: int, idle_only: bool) -> dict[str, Any]:
+        try:
+            return await run_one(system, n, args, idle_only)
+        except Exception as exc:  # one system failing must not hide the others
+            return {"system": system, "clients": n, "error": repr(exc)[:300]}
 
     async def run() -> None:
-        for n in [int(c) for c in args.clients.split(",")]:
-            for system in args.systems.split(","):
+        for n in counts:
+            for system in systems:
                 print(f"-- {system}, {n} clients", flush=True)
-                try:
-                    results.append(await run_one(system, n, args))
-                except Exception as exc:  # one system failing must not hide the others
-                    results.append({"system": system, "clients": n, "error": repr(exc)[:200]})
+                results.append(await attempt(system, n, False))
                 print(json.dumps(results[-1]), flush=True)
+        if args.idle:
+            for system in systems:
+                print(f"-- {system}, {args.idle} idle streams", flush=True)
+                idle.append(await attempt(system, args.idle, True))
+                print(json.dumps(idle[-1]), flush=True)
 
     asyncio.run(run())
-    print()
+    mode = "broadcast" if args.broadcast else "fan-out"
+    print(
+        f"\n{mode}: {args.events} events at {args.rate:g}/s, burst {args.burst}; CPU s over the "
+        "latency and burst phases"
+    )
     print(table(results))
+    busy = [r for r in results if r.get("client_busy", 0) >= 0.9]
+    for r in busy:
+        print(f"note: load clients near saturation for {r['system']} at {r['clients']}")
+    if idle:
+        print(f"\nidle memory, {args.idle} streams (uvicorn supervisor and workers RSS delta)")
+        print(idle_table(idle))
     RESULTS.mkdir(exist_ok=True)
-    meta = {"argv": argv, "cpus": psutil.cpu_count(), "results": results}
+    meta = {
+        "argv": argv,
+        "args": vars(args),
+        "hardware": machine,
+        "limits": limit,
+        "results": results,
+        "idle": idle,
+    }
     (RESULTS / f"{args.out}.json").write_text(json.dumps(meta, indent=2))
-    chart(results, HERE / f"{args.out}.png")
-    print(f"\nwrote bench/results/{args.out}.json and bench/{args.out}.png")
+    wrote = f"bench/results/{args.out}.json"
+    if len(counts) > 1:
+        title = f"SSE {mode} over 4 uvicorn workers ({machine['cores']} cores, all on one machine)"
+        chart(results, title, HERE / f"{args.out}.png")
+        wrote += f" and bench/{args.out}.png"
+    print(f"\nwrote {wrote}")
     return 0
