@@ -1,7 +1,7 @@
 """SSE fan-out over 4 uvicorn workers: an app built on Coordinator against baselines.
 
     python -m bench fanout [--clients 100,1000,3000,10000] [--systems ...] [--events 100]
-                           [--rate 10] [--burst 200] [--idle 2000] [--load-procs 2]
+                           [--rate 10] [--burst 200] [--idle 2000] [--load-procs N]
     python -m bench fanout --broadcast     # 10,000 streams, 1 event/s, 20 events
 
 Systems, each on a fresh redis-server and a fresh ``uvicorn --workers 4``:
@@ -40,12 +40,16 @@ The streams are held by ``--load-procs`` Node processes (``bench/sse_load.mjs``:
 sockets, minimal chunked/SSE parsing, a latency histogram; Node 20, no packages), each
 with its share of the streams, connecting in waves; this process only publishes and
 polls them. Node's ``process.hrtime.bigint()`` is CLOCK_MONOTONIC, the clock of Python's
-``time.monotonic()`` on Linux, so latencies compare the two processes' readings. The
-client costs about 2 us of CPU per delivery when reads carry many events and about 7 us
-when each carries one (against a Node server writing frames): one process parses
-140,000-500,000 deliveries/s per core, several times what 4 Python workers send. Still,
-on one machine its CPU is taken from the server's: it is reported next to the server's,
-and a client at 90% of its cores in the burst is flagged (``client_busy``).
+``time.monotonic()`` on Linux, so latencies compare the two processes' readings. Most of
+the client's cost is the kernel's (a read per event per stream when events come one at a
+time, as the server's writes are): about 1.6 us of CPU per delivery when reads carry many
+events, 5 us when each carries one (against a Node server writing frames), 5-18 us in
+these runs, against the server's 10-30 us. One process parses 200,000-600,000 deliveries
+per second of a core, more than 4 Python workers send; on one machine its CPU is still
+taken from the server's, so it is reported next to the server's, the default
+``--load-procs`` is one process per 4 cores (1 on 2 cores: a second process cost more
+CPU in context switches than it saved), and a client at 90% of its cores in the burst is
+flagged (``client_busy``).
 
 Limits for 10,000 streams (all on one machine): open files for the uvicorn workers (N/4
 each plus Redis), the Node processes (N/procs each) and redis-server (maxclients, passed
@@ -677,7 +681,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
         help="broadcast mode: defaults become 10000 clients, 20 events at 1/s, no burst, no "
         "idle run, --out fanout_broadcast",
     )
-    parser.add_argument("--load-procs", type=int, default=2, help="Node client processes")
+    parser.add_argument(
+        "--load-procs",
+        type=int,
+        default=max(1, (psutil.cpu_count() or 1) // 4),
+        help="Node client processes (default: one per 4 cores)",
+    )
     parser.add_argument("--wave", type=int, default=200, help="streams connecting at once")
     parser.add_argument("--backlog", type=int, default=2048, help="uvicorn --backlog")
     parser.add_argument("--out", help="results name (default fanout)")
@@ -714,7 +723,7 @@ def main(argv: list[str]) -> int:
     print(
         f"limits: open files {limit['nofile_soft']} (hard {limit['nofile_hard']}), somaxconn "
         f"{limit['somaxconn']}, uvicorn --backlog {args.backlog}, ephemeral ports "
-        f"{limit['ip_local_port_range']}; {args.load_procs} load processes, waves of {args.wave}"
+        f"{limit['ip_local_port_range']}; {args.load_procs} load process(es), waves of {args.wave}"
     )
     need = max([*counts, args.idle]) + 2000
     if nofile[0] < need:
@@ -742,9 +751,10 @@ def main(argv: list[str]) -> int:
 
     asyncio.run(run())
     mode = "broadcast" if args.broadcast else "fan-out"
+    phases = "latency and burst phases" if args.burst else "latency phase"
     print(
         f"\n{mode}: {args.events} events at {args.rate:g}/s, burst {args.burst}; CPU s over the "
-        "latency and burst phases"
+        f"{phases}"
     )
     print(table(results))
     busy = [r for r in results if r.get("client_busy", 0) >= 0.9]
