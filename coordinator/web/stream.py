@@ -38,6 +38,7 @@ import contextvars
 import logging
 import weakref
 from collections.abc import Awaitable, Coroutine, Generator
+from types import CoroutineType
 from typing import Any
 
 from starlette.responses import Response
@@ -155,7 +156,7 @@ class ChannelEventResponse(Response):
     def _write(self, chunk: bytes) -> None:
         assert self._send is not None and self._context is not None
         sending = self._send(_body(chunk))
-        coro = sending if isinstance(sending, Coroutine) else _await(sending)
+        coro = sending if type(sending) is CoroutineType else _await(sending)
         try:
             waiting = self._context.run(coro.send, None)
         except StopIteration:
