@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import resource
 import time
 import uuid
@@ -151,4 +152,53 @@ async def test_2000_idle_streams_get_a_broadcast_leak_nothing_and_end_on_shutdow
     finally:
         for stream in streams:
             await stream.close()
+        cluster.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+async def test_a_client_that_stops_reading_does_not_hold_up_shutdown(redis_url: str) -> None:
+    """At shutdown a stream whose client stopped reading gives up its queued frames
+    after a grace second: its request task ends, so uvicorn cancels nothing, and the
+    other streams finish at once.
+
+    Its socket is another matter: uvicorn closes it with unsent bytes, which waits
+    for the client, so uvicorn itself exits at ``--timeout-graceful-shutdown``
+    (AppCluster: 20 s). ASGI gives an app no way to abort a connection.
+    """
+    # A queue long enough that the stuck client is never cut for falling behind: at
+    # shutdown its stream has a write blocked on a full socket and frames still queued.
+    env = {"COORDINATOR_RELAY_CLIENT_QUEUE": "100000"}
+    cluster = AppCluster(redis_url, f"stuck{uuid.uuid4().hex[:8]}", workers=2, env=env)
+    await cluster.wait_ready()
+    reader_, writer_ = await asyncio.open_connection(HOST, cluster.port)
+    reading = RawStream()
+    try:
+        writer_.write(f"GET {PATH} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+        head = b""
+        while b"event: hello" not in head:  # then it never reads again
+            head += await asyncio.wait_for(reader_.read(4096), 30)
+        await reading.open(cluster.port)
+        await wait_until(lambda: reading.has(b"event: hello"), "hello")
+
+        publisher = (await cluster.publishers(1))[0]
+        payload = "x" * 32_000
+        last = ""
+        for _ in range(700):  # 22 MB: more than the kernel buffers between the two ends
+            last, _ = await cluster.publish(publisher, "idle", payload)
+        await publisher.aclose()
+        await wait_until(lambda: reading.has(f"id: {last}\n".encode()), "the reader got all", 60)
+
+        stopping = asyncio.create_task(asyncio.to_thread(cluster.stop, 60))
+        started = time.monotonic()
+        await wait_until(lambda: reading.finished_cleanly, "the reading stream's final chunk")
+        assert time.monotonic() - started < 5, "a healthy stream waited for a stuck one"
+        code, _ = await stopping
+        assert code == 0, cluster.proc.stderr_tail(2000)
+        tail = cluster.proc.stderr_tail(4000)
+        assert not re.search(r"Cancel [1-9]\d* running task", tail), tail
+        assert "Traceback" not in tail
+    finally:
+        writer_.close()
+        await reading.close()
         cluster.stop()

@@ -53,6 +53,8 @@ from coordinator.web.shutdown import server_is_exiting
 logger = logging.getLogger("coordinator.relay")
 
 PING = b": ping\n\n"
+SHUTDOWN_GRACE_S = 1.0
+"""On shutdown, how long a stream may take to write what is queued to a slow client."""
 EXIT_POLL_S = 0.05
 """How often the per-process watcher looks for uvicorn's exit flag while streams are open."""
 SSE_HEADERS = {
@@ -104,7 +106,11 @@ class ChannelEventResponse(Response):
             sub.on_close(lambda reason: self._on_overflow() if reason == "overflow" else None)
             sub.consume(lambda: streams.flush_soon(self))  # no await since the last take()
             await self._wait(receive)
-            await self._finish(send)
+            try:
+                async with asyncio.timeout(SHUTDOWN_GRACE_S):
+                    await self._finish(send)
+            except TimeoutError:  # a client not reading: cut it off, as on overflow
+                self._failed = True
         finally:
             streams.discard(self)
             await cancel_and_wait(self._writing, name="sse-write")
@@ -244,8 +250,7 @@ class _Streams:
     """The open streams of one event loop: writes them once per loop pass, and ends
     them when the server starts shutting down."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+    def __init__(self) -> None:
         self._open: set[ChannelEventResponse] = set()
         self._dirty: list[ChannelEventResponse] = []
         self._scheduled = False
@@ -254,7 +259,8 @@ class _Streams:
     def add(self, stream: ChannelEventResponse) -> None:
         self._open.add(stream)
         if self._watcher is None or self._watcher.done():
-            self._watcher = self._loop.create_task(self._watch_exit(), name="sse-exit-watch")
+            loop = asyncio.get_running_loop()
+            self._watcher = loop.create_task(self._watch_exit(), name="sse-exit-watch")
 
     def discard(self, stream: ChannelEventResponse) -> None:
         self._open.discard(stream)
@@ -268,7 +274,7 @@ class _Streams:
         self._dirty.append(stream)
         if not self._scheduled:
             self._scheduled = True
-            self._loop.call_soon(self._flush)
+            asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
         self._scheduled = False
@@ -280,12 +286,15 @@ class _Streams:
                 logger.exception("SSE stream flush failed")
 
     async def _watch_exit(self) -> None:
-        while self._open:
-            if server_is_exiting():
-                for stream in list(self._open):
-                    stream.subscription.close("shutdown")
-                return
-            await asyncio.sleep(EXIT_POLL_S)
+        try:
+            while self._open:
+                if server_is_exiting():
+                    for stream in list(self._open):
+                        stream.subscription.close("shutdown")
+                    return
+                await asyncio.sleep(EXIT_POLL_S)
+        finally:
+            self._watcher = None  # a finished task would keep its loop alive
 
 
 _BY_LOOP: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Streams] = (
@@ -297,7 +306,7 @@ def _streams() -> _Streams:
     loop = asyncio.get_running_loop()
     streams = _BY_LOOP.get(loop)
     if streams is None:
-        streams = _BY_LOOP[loop] = _Streams(loop)
+        streams = _BY_LOOP[loop] = _Streams()  # no reference to the loop: the entry goes with it
     return streams
 
 
