@@ -91,6 +91,7 @@ class ChannelEventResponse(Response):
         self._writing: asyncio.Task[None] | None = None
         self._timer: asyncio.Timeout | None = None
         self._failed = False
+        self._finishing = False
         self._queued_flush = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -137,9 +138,10 @@ class ChannelEventResponse(Response):
         sub = self.subscription
         if self._failed or sub.closed == "overflow":
             return  # no final chunk: the client sees a broken stream and reconnects
-        if self._writing is not None:
+        self._finishing = True  # from here this task writes; the flusher stays out
+        while self._writing is not None and not self._failed:
             with contextlib.suppress(Exception):
-                await asyncio.shield(self._writing)
+                await asyncio.shield(self._writing)  # its done callback clears _writing
         while not self._failed and (chunk := sub.take()) is not None:  # shutdown: the rest
             await send(_body(chunk))
         if not self._failed:
@@ -150,6 +152,8 @@ class ChannelEventResponse(Response):
     def flush(self) -> None:
         """Write everything queued, one ``send`` per batch, until a send must wait."""
         self._queued_flush = False
+        if self._finishing:
+            return
         sub = self.subscription
         while self._writing is None and not self._failed:
             chunk = sub.take()
