@@ -225,3 +225,10 @@ async def test_metrics_aggregate_all_workers(demo: AppCluster) -> None:
 
 async def test_unknown_path_is_404(demo: AppCluster) -> None:
     assert (await demo.get("/api/nothing")).status_code == 404
+
+
+async def test_openapi_describes_the_event_stream(demo: AppCluster) -> None:
+    schema = await demo.get("/openapi.json")
+    assert schema.status_code == 200, schema.text
+    stream = schema.json()["paths"]["/api/channels/{channel}/events"]["get"]
+    assert "text/event-stream" in stream["responses"]["200"]["content"]

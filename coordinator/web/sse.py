@@ -147,6 +147,7 @@ def channel_router(
         "/{channel}/events",
         summary="Stream a channel's events (Server-Sent Events)",
         response_class=ChannelEventResponse,
+        status_code=200,  # FastAPI reads it off a response class's __init__ otherwise
         responses={200: {"content": {"text/event-stream": {}}}},
     )
     async def stream(
