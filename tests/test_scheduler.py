@@ -541,7 +541,9 @@ async def test_stop_runs_a_fire_whose_claim_was_in_flight(
         # claim is in flight when stop() begins; the lease still holds throughout.
         await async_wait_until(lambda: datetime.now(UTC) > at - timedelta(seconds=0.2), 5)
         await pauser.execute_command("CLIENT", "PAUSE", 1000, "WRITE")
-        await async_wait_until(lambda: s._runner.tasks, 5, message="the fire is being claimed")
+        # The claim itself must be waiting on Redis (a spawned fire task that has not run
+        # yet would see stop() first and, rightly, never claim).
+        await async_wait_until(lambda: s._runner.claiming, 5, message="the fire is being claimed")
         await s.stop(timeout=5)
         assert ran == [at]
         (record,) = await RunHistory(redis, Keys(namespace), 10).recent(10)

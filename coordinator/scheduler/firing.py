@@ -184,6 +184,8 @@ class FireRunner:
         """Fires the job store jumped over, per job, until the job's next batch records them."""
         self.running: dict[tuple[str, int], _Running] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.claiming = 0
+        """Claim scripts sent to Redis and not answered yet."""
         self.stats = FireStats()
         self.is_final: Callable[[str], bool] = lambda job_id: False
         """True for a job whose fire is its last (a runtime date job): the claim removes
@@ -355,7 +357,11 @@ class FireRunner:
         while True:
             try:
                 async with self._slots:
-                    return await self._claim_once(term, job_id, t, missed)
+                    self.claiming += 1
+                    try:
+                        return await self._claim_once(term, job_id, t, missed)
+                    finally:
+                        self.claiming -= 1
             except REDIS_UNREACHABLE as exc:
                 if not self.current(term):
                     self.stats.abandoned += 1
