@@ -331,24 +331,170 @@ async def test_recent_past_run_date_runs_at_once(make: Make) -> None:
     await async_wait_until(lambda: len(calls) == 2, 5, message="a date job without run_date")
 
 
-async def test_claim_refuses_paused_and_removes_a_fired_date_job(
+async def test_claim_refuses_paused_and_takes_a_date_job_once(
     redis_client: Redis, namespace: str
 ) -> None:
     keys = Keys(namespace)
     lease = keys.lease("leader")
     await redis_client.set(lease, '{"v":1}')
-    await redis_client.hset(keys.runtime_jobs(), "d", "{}")
+    await redis_client.hset(keys.runtime_jobs(), mapping={"d": "{}", "e": "{}"})
+    await redis_client.zadd(keys.due_dates(), {"d": 1000, "e": 2000})
     await redis_client.sadd(keys.paused_jobs(), "p")
-    all_keys = [lease, keys.last_fire(), keys.runs(), keys.paused_jobs(), keys.runtime_jobs()]
+    all_keys = [
+        lease,
+        keys.last_fire(),
+        keys.runs(),
+        keys.paused_jobs(),
+        keys.runtime_jobs(),
+        keys.due_dates(),
+    ]
 
     async def claim(job_id: str, ms: int, final: str) -> list[Any]:
         args = ['{"v":1}', job_id, ms, "run", "", 100, final]
         return list(await CLAIM_FIRE(redis_client, all_keys, args))
 
     assert (await claim("p", 1000, "0"))[0] == -2
+    assert (await claim("e", 1000, "1"))[0] == -3  # not its run_date
     assert (await claim("d", 1000, "1"))[0] == 1
     assert not await redis_client.hexists(keys.runtime_jobs(), "d")
-    assert (await claim("d", 1000, "1"))[0] == -1
+    assert await redis_client.zscore(keys.due_dates(), "d") is None
+    assert not await redis_client.hexists(keys.last_fire(), "d")  # no claim record left
+    assert (await claim("d", 1000, "1"))[0] == -3
+    assert await redis_client.hexists(keys.runtime_jobs(), "e")
+
+
+async def test_pending_date_jobs_wait_in_redis_and_the_leader_holds_only_the_next_seconds(
+    make: Make, redis_client: Redis, namespace: str
+) -> None:
+    """3,000 reminders an hour away cost the leader nothing (not in APScheduler, no
+    timer), on the first leader and on the next one; a job due soon among them runs
+    once; a held job replaced with a new run_date runs once at the new time; a held job
+    removed does not run; a fired date job's id can be used again."""
+    calls: list[tuple[Any, ...]] = []
+    first = make("first", calls)
+    api = make("api", settings={"role": "api"})
+    await first.start()
+    await api.start()
+    await leader_of(first)
+    later = {"type": "date", "run_date": iso(datetime.now(UTC) + timedelta(hours=1))}
+    for start in range(0, 3000, 20):
+        await asyncio.gather(
+            *(
+                api.runtime.add_job("note", later, id=f"later-{i}")
+                for i in range(start, start + 20)
+            )
+        )
+    now = datetime.now(UTC)
+    soon, moved, gone = (now + timedelta(milliseconds=ms) for ms in (300, 600, 700))
+    await api.runtime.add_job("note", {"type": "date", "run_date": iso(soon)}, id="soon")
+    await api.runtime.add_job("note", {"type": "date", "run_date": iso(moved)}, id="moved")
+    await api.runtime.add_job("note", {"type": "date", "run_date": iso(gone)}, id="gone")
+    await async_wait_until(lambda: first._follower.due.held >= 2, 5, message="held: due soon")
+    new_time = datetime.now(UTC) + timedelta(milliseconds=1200)
+    await api.runtime.add_job(
+        "note", {"type": "date", "run_date": iso(new_time)}, id="moved", replace=True
+    )
+    await api.runtime.remove_job("gone")
+    await async_wait_until(
+        lambda: {c[0] for c in calls} >= {"soon", "moved"}, 5, message="soon and moved ran"
+    )
+    ran = {c[0]: c[1] for c in calls}
+    assert sorted(c[0] for c in calls) == ["moved", "soon"], "each once, 'gone' not at all"
+    assert abs((ran["moved"] - new_time).total_seconds()) < 0.002, "at the new run_date"
+    assert not [j for j in first.apscheduler.get_jobs() if j.id.startswith("later-")]
+    assert first._follower.due.held == 0
+    assert await redis_client.zcard(Keys(namespace).due_dates()) == 3000
+
+    await api.runtime.add_job("note", {"type": "date"}, id="soon")  # the id, used again
+    await async_wait_until(
+        lambda: [c for c in calls if c[0] == "soon"][1:], 5, message="a reused id runs again"
+    )
+    await first.stop(timeout=2)
+    second = make("second", calls)
+    await second.start()
+    await leader_of(second)
+    await async_wait_until(lambda: second._follower.due.polls >= 2, 5, message="index read")
+    assert second._follower.due.held == 0
+    assert not [j for j in second.apscheduler.get_jobs() if j.id.startswith("later-")]
+    assert len(await second.list_jobs()) == 3000
+    assert len(calls) == 3
+
+
+async def test_a_backlog_of_overdue_date_jobs_runs_once_when_a_leader_comes(
+    make: Make, redis_client: Redis, namespace: str
+) -> None:
+    """2,500 date jobs fall due while no process leads: the next leader reads them in
+    batches as its runner takes them, and runs each once, none missed."""
+    calls: list[tuple[Any, ...]] = []
+    api = make("api", settings={"role": "api"})
+    await api.start()
+    due = datetime.now(UTC) + timedelta(milliseconds=200)
+    trigger = {"type": "date", "run_date": iso(due)}
+    ids = [f"b-{i}" for i in range(2500)]
+    for start in range(0, len(ids), 20):
+        await asyncio.gather(
+            *(
+                api.runtime.add_job("note", trigger, id=i, misfire_grace_time=120)
+                for i in ids[start : start + 20]
+            )
+        )
+    await async_wait_until(lambda: datetime.now(UTC) > due, 30, message="all overdue")
+    leader = make("leader", calls)
+    await leader.start()
+    await leader_of(leader)
+    await async_wait_until(lambda: len(calls) >= len(ids), 60, message="the backlog ran")
+    assert sorted(c[0] for c in calls) == sorted(ids), "each once"
+    keys = Keys(namespace)
+    await async_wait_until(
+        lambda: leader._follower.due.held == 0 and not leader._runner.tasks, 10, message="settled"
+    )
+    assert await redis_client.zcard(keys.due_dates()) == 0
+    assert await redis_client.hlen(keys.runtime_jobs()) == 0
+    assert leader._runner.stats.missed == 0
+
+
+async def test_jobs_stored_before_the_due_dates_index_are_indexed_by_the_next_leader(
+    make: Make, redis_client: Redis, namespace: str
+) -> None:
+    """Definitions written by an earlier version (no ``due_ms``, no index entries): the
+    next leader indexes them once; a date job fires, a paused one waits and fires on
+    resume, a recurring one is scheduled; a later leader finds nothing to index."""
+    import json as json_
+
+    calls: list[tuple[Any, ...]] = []
+    leader = make("leader", calls)
+    keys = Keys(namespace)
+    at = iso(datetime.now(UTC) + timedelta(milliseconds=500))
+    old = {
+        "a": leader.runtime.build("note", {"type": "date", "run_date": at}, id="a"),
+        "b": leader.runtime.build("note", {"type": "date", "run_date": at}, id="b"),
+        "c": leader.runtime.build("note", {"type": "interval", "seconds": 3600}, id="c"),
+    }
+
+    def stored_before(job: Any) -> str:
+        data = json_.loads(job.to_json())
+        del data["due_ms"]
+        return json_.dumps(data)
+
+    await redis_client.hset(
+        keys.runtime_jobs(), mapping={k: stored_before(j) for k, j in old.items()}
+    )
+    await redis_client.sadd(keys.paused_jobs(), "b")
+    await leader.start()
+    await leader_of(leader)
+    assert leader._follower.indexed == 3
+    assert await redis_client.zrange(keys.due_dates(), 0, -1) == [b"a"]
+    assert await redis_client.smembers(keys.recurring_jobs()) == {b"c"}
+    assert leader.apscheduler.get_job("c") is not None
+    await async_wait_until(lambda: calls, 5, message="the old date job ran")
+    await leader.runtime.resume_job("b")
+    await async_wait_until(lambda: len(calls) == 2, 5, message="the resumed old date job ran")
+    assert sorted(c[0] for c in calls) == ["a", "b"]
+    await leader.stop(timeout=2)
+    again = make("again", calls)
+    await again.start()
+    await leader_of(again)
+    assert again._follower.indexed == 0
 
 
 def test_cli_jobs_add_list_pause_resume_run_remove(redis_url: str, namespace: str) -> None:

@@ -78,7 +78,7 @@ import logging
 import time
 import traceback
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -108,7 +108,7 @@ MAX_MISSED_RECORDS = 20
 """At most this many ``missed`` records are written for one batch (after a long
 outage only the most recent are recorded; each says how many fires it stands for)."""
 
-CLAIMED, NOT_LEADER, ALREADY, PAUSED = 1, 0, -1, -2
+CLAIMED, NOT_LEADER, ALREADY, PAUSED, GONE = 1, 0, -1, -2, -3
 EXPIRED = -100
 """Local code (never from Redis): a run claim kept failing until the fire's grace expired."""
 
@@ -130,6 +130,12 @@ def redis_slots(redis: Redis) -> int:
 
 
 @dataclass
+class _Turn:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
+
+
+@dataclass
 class _Running:
     ctx: JobContext
     task: asyncio.Future[Any]
@@ -146,6 +152,8 @@ class FireStats:
     refused_not_leader: int = 0
     refused_already_claimed: int = 0
     refused_paused: int = 0
+    refused_gone: int = 0
+    """Date-job fires no longer pending at their time (removed, paused, replaced)."""
     claim_retries: int = 0
     """Claims and history writes sent again after a Redis error."""
     abandoned: int = 0
@@ -175,7 +183,7 @@ class FireRunner:
         self._keys: Keys = elector.keys
         self._lease_key = elector.keys.lease(elector.name)
         self._cancel_on_revoke = cancel_on_revoke
-        self._turns: dict[str, asyncio.Lock] = {}
+        self._turns: dict[str, _Turn] = {}
         self._slots = asyncio.Semaphore(redis_slots(redis))
         self.instance_id = elector.instance_id
         self.term: Term | None = None
@@ -188,8 +196,9 @@ class FireRunner:
         """Claim scripts sent to Redis and not answered yet."""
         self.stats = FireStats()
         self.is_final: Callable[[str], bool] = lambda job_id: False
-        """True for a job whose fire is its last (a runtime date job): the claim removes
-        its definition."""
+        """True for a runtime date job's one fire: it is claimed through the job's
+        pending entry in the due-dates index, which the claim removes with the
+        definition (see :mod:`coordinator.scheduler.due`)."""
 
     # -- terms ------------------------------------------------------------------
     def begin(self, term: Term) -> None:
@@ -243,9 +252,22 @@ class FireRunner:
         """Record ``run_times`` (and fires skipped before them) as missed, in the job's turn."""
         self.spawn(self._missed_in_turn(job_id, run_times, why, self.skipped.pop(job_id, None)))
 
-    def _turn(self, job_id: str) -> asyncio.Lock:
-        """The job's claim turn: FIFO, taken in the order the batches were submitted."""
-        return self._turns.setdefault(job_id, asyncio.Lock())
+    @contextlib.asynccontextmanager
+    async def _turn(self, job_id: str) -> AsyncIterator[None]:
+        """Hold the job's claim turn: FIFO, taken in the order the batches were
+        submitted. A turn no batch waits for is dropped (one per job id ever fired
+        would add up with many date jobs)."""
+        turn = self._turns.get(job_id)
+        if turn is None:
+            turn = self._turns[job_id] = _Turn()
+        turn.users += 1
+        try:
+            async with turn.lock:
+                yield
+        finally:
+            turn.users -= 1
+            if turn.users == 0:
+                del self._turns[job_id]
 
     async def fire(
         self, job: Any, run_times: list[datetime], skipped: Skipped | None = None
@@ -405,6 +427,7 @@ class FireRunner:
             self._keys.runs(),
             self._keys.paused_jobs(),
             self._keys.runtime_jobs(),
+            self._keys.due_dates(),
         ]
         args: list[str | int] = [
             term.lease_value,
@@ -445,6 +468,14 @@ class FireRunner:
         elif code == PAUSED:
             self.stats.refused_paused += 1
             logger.info("%s: %r at %s not claimed: the job is paused", self.instance_id, job_id, t)
+        elif code == GONE:
+            self.stats.refused_gone += 1
+            logger.info(
+                "%s: %r at %s not claimed: the date job is no longer pending at that time",
+                self.instance_id,
+                job_id,
+                t,
+            )
         elif code == ALREADY:
             self.stats.refused_already_claimed += 1
             logger.warning(

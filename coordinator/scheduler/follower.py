@@ -2,10 +2,13 @@
 
 While a process leads, :class:`RuntimeFollower` holds one Pub/Sub subscription
 to the namespace's job-change channel. Each time it (re)subscribes it
-reconciles in full: every runtime definition, every pause and every pending
-run request is read from Redis and applied to APScheduler. Then it applies
-notices as they come (``job:<id>``: read that job again; ``run:<request>``:
-claim the request and run it), in batches, in the order they arrived.
+reconciles in full: every recurring runtime definition, every pause and every
+pending run request is read from Redis and applied to APScheduler; date jobs
+are read from their due-dates index only as they come due
+(:mod:`coordinator.scheduler.due`). Then it applies notices as they come
+(``job:<id>``: read that job again; ``run:<request>``: claim the request and
+run it), in batches, in the order they arrived, and reads the due-dates index
+between them, in the same task (so a read never overwrites a newer notice).
 
 Guarantees:
 
@@ -18,36 +21,42 @@ Guarantees:
 
 Limits, said plainly:
 
-- Loading is O(jobs) on the event loop, in slices that yield between them
-  (about a second per 100,000 jobs); the leader serves and renews its lease
-  meanwhile, and fires of jobs not loaded yet wait until they are (then follow
-  the misfire and coalesce rules).
+- Loading is O(recurring runtime jobs) on the event loop, in slices that
+  yield between them; the leader serves and renews its lease meanwhile, and
+  fires of jobs not loaded yet wait until they are (then follow the misfire
+  and coalesce rules). Pending date jobs are not loaded at all.
+- Data written before the due-dates index existed is indexed by the first
+  leader that finds definitions missing from it (one pass over every
+  definition, each indexed only if unchanged since read). A paused date job
+  stored before the index that is resumed before any leader indexes it stays
+  unindexed and does not fire: pause and resume it again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import math
-from collections.abc import Callable
+import time
 from datetime import UTC, datetime, timedelta
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from apscheduler.jobstores.base import JobLookupError as APJobLookupError  # type: ignore[import-untyped]
 from apscheduler.triggers.interval import IntervalTrigger  # type: ignore[import-untyped]
 from redis.backoff import FullJitterBackoff
 
-from coordinator.clock import ms_to_datetime
+from coordinator.clock import datetime_to_ms, ms_to_datetime
 from coordinator.election.elector import Term
 from coordinator.errors import REDIS_UNREACHABLE, CoordinatorError
 from coordinator.scheduler.context import wants_ctx
+from coordinator.scheduler.due import DueDates, missing_task, runnable
 from coordinator.scheduler.runtime import RuntimeJob
 from coordinator.scheduler.triggers import build_trigger, is_final
 from coordinator.store.codec import text
-from coordinator.store.scripts import CLAIM_RUN
+from coordinator.store.scripts import CLAIM_RUN, JOBS_INDEX
 from coordinator.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
@@ -84,14 +93,21 @@ class RuntimeFollower:
         self._keys = scheduler.keys
         self._runtime = scheduler.runtime
         self.applied: dict[str, str] = {}
-        """Runtime job id -> revision, as held in APScheduler."""
-        self.final_ids: set[str] = set()
-        """Runtime date jobs: their one fire removes the definition."""
+        """Recurring runtime job id -> revision, as held in APScheduler."""
+        self.due = DueDates(
+            self._redis,
+            self._keys,
+            scheduler._runner,
+            self._runtime.tasks,
+            self._runtime.default_grace,
+        )
+        """Runtime date jobs due within the next seconds, with their timers."""
         self.paused: set[str] = set()
-        self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self.subscribed = asyncio.Event()
         self.reconciles = 0
+        self.indexed = 0
+        """Definitions stored before the due-dates index that this process indexed."""
 
     # -- lifecycle ------------------------------------------------------------------
     def start(self, term: Term) -> None:
@@ -104,9 +120,11 @@ class RuntimeFollower:
         if self._task is not None and not self._task.done():
             self._task.cancel()
         self._task = None
+        self.due.clear()
 
     async def stop(self) -> None:
         task, self._task = self._task, None
+        self.due.clear()
         await cancel_and_wait(task, name="runtime-jobs")
 
     async def _follow(self, term: Term) -> None:
@@ -120,8 +138,10 @@ class RuntimeFollower:
                 await self.reconcile(term)
                 self.subscribed.set()
                 failures = 0
+                next_poll = 0.0
                 while True:
-                    message = await pubsub.get_message(timeout=5.0)
+                    wait = min(5.0, max(0.0, next_poll - time.monotonic()))
+                    message = await pubsub.get_message(timeout=wait)
                     batch = [] if message is None else [text(message["data"])]
                     while len(batch) < 1000:
                         more = await pubsub.get_message(timeout=0)
@@ -130,6 +150,8 @@ class RuntimeFollower:
                         batch.append(text(more["data"]))
                     if batch:
                         await self._apply_notices(term, batch)
+                    if time.monotonic() >= next_poll:
+                        next_poll = time.monotonic() + await self.due.poll()
             except REDIS_UNREACHABLE as exc:
                 self.subscribed.clear()
                 logger.warning("%s: runtime job notices: %s; resubscribing", who, exc)
@@ -141,19 +163,27 @@ class RuntimeFollower:
 
     # -- applying -------------------------------------------------------------------
     async def reconcile(self, term: Term) -> None:
-        """Read every definition, pause and run request from Redis and apply them."""
+        """Read every recurring definition, pause and run request from Redis and apply
+        them; date jobs are read from the due-dates index next (see module doc)."""
+        keys = self._keys
+        await self._index_unindexed()
         async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.hgetall(self._keys.runtime_jobs())
-            pipe.smembers(self._keys.paused_jobs())
-            pipe.hgetall(self._keys.last_fire())
-            pipe.hkeys(self._keys.run_requests())
-            raw_jobs, raw_paused, raw_last, requests = await pipe.execute()
+            pipe.smembers(keys.recurring_jobs())
+            pipe.smembers(keys.paused_jobs())
+            pipe.hgetall(keys.last_fire())
+            pipe.hkeys(keys.run_requests())
+            raw_ids, raw_paused, raw_last, requests = await pipe.execute()
+        ids = [text(m) for m in raw_ids]
+        raws = await self._redis.hmget(keys.runtime_jobs(), ids) if ids else []
         self.paused = {text(m) for m in raw_paused}
         last = {text(k): int(v) for k, v in raw_last.items()}
         now = datetime.now(UTC)
         wanted: dict[str, RuntimeJob] = {}
-        for i, (k, v) in enumerate(raw_jobs.items()):
-            wanted[text(k)] = RuntimeJob.from_json(v)
+        for i, raw in enumerate(raws):
+            if raw is not None:
+                job = RuntimeJob.from_json(raw)
+                if job.due_ms is None:
+                    wanted[job.id] = job
             if i % (SLICE * 4) == 0:
                 await asyncio.sleep(0)
         for job_id in list(self.applied):
@@ -165,9 +195,10 @@ class RuntimeFollower:
                 await asyncio.sleep(0)
         for job_id in self._scheduler._declared:
             self._apply_pause(job_id, job_id in self.paused, last.get(job_id), now)
+        self.due.clear()  # changes missed while unsubscribed: read the index afresh
         self.reconciles += 1
         logger.info(
-            "%s: runtime jobs loaded: %d (%d paused jobs, %d run requests)",
+            "%s: runtime jobs loaded: %d recurring (%d paused jobs, %d run requests)",
             self._scheduler.instance_id,
             len(wanted),
             len(self.paused),
@@ -175,6 +206,43 @@ class RuntimeFollower:
         )
         for request_id in requests:
             await self._run_request(term, text(request_id))
+
+    async def _index_unindexed(self) -> None:
+        """Index definitions stored before the due-dates index (see module doc): only
+        when the index and the paused set together hold fewer ids than the definitions."""
+        keys = self._keys
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hlen(keys.runtime_jobs())
+            pipe.zcard(keys.due_dates())
+            pipe.scard(keys.recurring_jobs())
+            pipe.scard(keys.paused_jobs())
+            total, due, recurring, paused = await pipe.execute()
+        if total <= due + recurring + paused:
+            return
+        index_keys = [
+            keys.runtime_jobs(),
+            keys.paused_jobs(),
+            keys.due_dates(),
+            keys.recurring_jobs(),
+        ]
+        async for raw_id, raw in self._redis.hscan_iter(keys.runtime_jobs(), count=1000):
+            if b'"due_ms"' in raw:
+                continue
+            job = RuntimeJob.from_json(raw)
+            due_ms = None
+            if is_final(job.trigger):
+                with contextlib.suppress(CoordinatorError):
+                    due_ms = datetime_to_ms(build_trigger(job.trigger).run_date)
+                if due_ms is None:
+                    continue  # a trigger this version rejects: listed, never fired
+            new = dataclasses.replace(job, due_ms=due_ms).to_json()
+            args = [text(raw_id), raw, new, "" if due_ms is None else str(due_ms)]
+            self.indexed += int(await JOBS_INDEX(self._redis, index_keys, args))
+        logger.info(
+            "%s: indexed %d runtime jobs stored before the due-dates index",
+            self._scheduler.instance_id,
+            self.indexed,
+        )
 
     async def _apply_notices(self, term: Term, notices: list[str]) -> None:
         ids: list[str] = []
@@ -198,16 +266,19 @@ class RuntimeFollower:
                     self.paused.add(job_id)
                 else:
                     self.paused.discard(job_id)
-                if raw is not None:
-                    self._apply(RuntimeJob.from_json(raw), bool(is_paused), last_ms, now)
+                job = RuntimeJob.from_json(raw) if raw is not None else None
+                self.due.update(job_id, job, bool(is_paused))
+                if job is not None and job.due_ms is None:
+                    self._apply(job, bool(is_paused), last_ms, now)
                 elif job_id in self.applied:
                     self._drop(job_id)
-                else:
+                elif job is None:
                     self._apply_pause(job_id, bool(is_paused), last_ms, now)
         for request_id in runs:
             await self._run_request(term, request_id)
 
     def _apply(self, job: RuntimeJob, paused: bool, last_ms: int | None, now: datetime) -> None:
+        """Hold a recurring runtime job in APScheduler (date jobs: :class:`DueDates`)."""
         aps = self._scheduler.apscheduler
         if self.applied.get(job.id) == job.rev and aps.get_job(job.id) is not None:
             self._apply_pause(job.id, paused, last_ms, now)
@@ -216,11 +287,11 @@ class RuntimeFollower:
             func = self._runtime.tasks.get(job.task)
             trigger = build_trigger(job.trigger)
         except CoordinatorError as exc:
-            func, trigger = _missing_task(job.task, str(exc)), build_trigger(job.trigger)
+            func, trigger = missing_task(job.task, str(exc)), build_trigger(job.trigger)
         prev = ms_to_datetime(last_ms) if last_ms is not None else None
         nxt = None if paused else trigger.get_next_fire_time(prev, now)
         if nxt is None and not paused:
-            self._drop(job.id)  # a date job that fired already
+            self._drop(job.id)  # past its end_date
             return
         kwargs = dict(job.kwargs)
         if wants_ctx(func):
@@ -241,10 +312,6 @@ class RuntimeFollower:
             **options,
         )
         self.applied[job.id] = job.rev
-        if is_final(job.trigger):
-            self.final_ids.add(job.id)
-        else:
-            self.final_ids.discard(job.id)
 
     def _apply_pause(self, job_id: str, paused: bool, last_ms: int | None, now: datetime) -> None:
         job = self._scheduler.apscheduler.get_job(job_id)
@@ -257,7 +324,6 @@ class RuntimeFollower:
 
     def _drop(self, job_id: str) -> None:
         self.applied.pop(job_id, None)
-        self.final_ids.discard(job_id)
         with contextlib.suppress(APJobLookupError):
             self._scheduler.apscheduler.remove_job(job_id)
 
@@ -299,24 +365,4 @@ class RuntimeFollower:
         job = await self._runtime.definition(job_id)
         if job is None:
             return None
-        try:
-            func = self._runtime.tasks.get(job.task)
-        except CoordinatorError as exc:
-            func = _missing_task(job.task, str(exc))
-        return SimpleNamespace(
-            id=job.id,
-            func=func,
-            args=job.args,
-            kwargs=job.kwargs,
-            misfire_grace_time=job.misfire_grace_time,
-        )
-
-
-def _missing_task(name: str, why: str) -> Callable[..., Any]:
-    """Stands in for a task this process lacks: its fires are recorded as errors."""
-
-    def missing(*args: Any, **kwargs: Any) -> None:
-        raise LookupError(why)
-
-    missing.__name__ = f"missing_task_{name}"
-    return missing
+        return runnable(job, self._runtime.tasks, self._runtime.default_grace)

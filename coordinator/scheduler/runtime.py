@@ -18,8 +18,9 @@ Guarantees:
 - **A change is durable before the call returns.** One script stores it in
   Redis and publishes a notice; the leader applies it within milliseconds
   (:mod:`coordinator.scheduler.follower`), and a new leader loads every
-  definition and pause when it is elected, so nothing is lost across a failover
-  or a restart of every process.
+  recurring definition and pause when it is elected and reads date jobs from
+  their index as they come due (:mod:`coordinator.scheduler.due`), so nothing
+  is lost across a failover or a restart of every process.
 - **Every fire is claimed once**, by the same claim script as a code-declared
   job's, which also refuses the fires of a paused job (the pause holds from the
   moment it is stored, whatever the leader has heard) and, for a date job,
@@ -40,10 +41,16 @@ Limits, said plainly:
 - A run-now request that waits longer than the job's misfire grace time for a
   leader is recorded ``missed``. A run-now does not count against
   ``max_instances``: it may overlap a scheduled run of the same job.
-- Reusing the id of a removed job continues from that id's last fire: a fire
-  at or before it is never claimed again (the claim record outlives the job).
+- Reusing the id of a removed *recurring* job continues from that id's last
+  fire: a fire at or before it is never claimed again (the claim record
+  outlives the job). A date job is claimed through its pending entry instead,
+  so an id reused for a new date job fires again, once.
+- Pending date jobs cost the leader nothing until their last seconds: they
+  wait in a Redis sorted set, and the leader holds only those due within
+  :data:`coordinator.scheduler.due.LOOKAHEAD_S` (see that module). Recurring
+  runtime jobs are held by the leader, all of them.
 - ``list_jobs`` reads every definition: with 100,000 runtime jobs it is a
-  large answer; a process lists them, only the leader holds them in memory.
+  large answer.
 """
 
 from __future__ import annotations
@@ -59,7 +66,7 @@ from typing import Any, TypeVar
 
 from redis.asyncio import Redis
 
-from coordinator.clock import ms_to_datetime, ms_to_iso
+from coordinator.clock import datetime_to_ms, ms_to_datetime, ms_to_iso
 from coordinator.errors import (
     ConflictingIdError,
     DeclaredJobError,
@@ -70,7 +77,7 @@ from coordinator.errors import (
     TaskLookupError,
 )
 from coordinator.scheduler.context import wants_ctx
-from coordinator.scheduler.triggers import build_trigger, normalize_trigger
+from coordinator.scheduler.triggers import build_trigger, is_final, normalize_trigger
 from coordinator.settings import name_error
 from coordinator.store.codec import text
 from coordinator.store.keys import Keys
@@ -102,6 +109,9 @@ class RuntimeJob:
     created_ms: int = 0
     rev: str = ""
     """Changes with every add or replace, so the leader knows a definition changed."""
+    due_ms: int | None = None
+    """A date job's ``run_date`` in epoch ms (its entry in the due-dates index);
+    ``None`` for a recurring job."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -245,6 +255,7 @@ class RuntimeJobs:
         now = now or datetime.now(UTC)
         grace = misfire_grace_time or self.default_grace
         stored = normalize_trigger(trigger, now, past_grace=grace)
+        due_ms = datetime_to_ms(build_trigger(stored).run_date) if is_final(stored) else None
         return RuntimeJob(
             id=job_id,
             task=task,
@@ -255,6 +266,7 @@ class RuntimeJobs:
             coalesce=bool(coalesce),
             created_ms=round(now.timestamp() * 1000),
             rev=secrets.token_hex(6),
+            due_ms=due_ms,
         )
 
     # -- changes ------------------------------------------------------------------
@@ -295,7 +307,12 @@ class RuntimeJobs:
         )
         if job.id in self._code_jobs():
             raise ConflictingIdError(job.id, declared_in_code=True)
-        code = await self._change("replace" if replace else "add", job.id, job.to_json())
+        code = await self._change(
+            "replace" if replace else "add",
+            job.id,
+            job.to_json(),
+            due_ms="" if job.due_ms is None else str(job.due_ms),
+        )
         if code == -1:
             raise ConflictingIdError(job.id)
         if code == -2:
@@ -348,11 +365,19 @@ class RuntimeJobs:
             raise JobLookupError(job_id)
         return {"job_id": job_id, "scheduled_at": ms_to_iso(now_ms)}
 
-    async def _change(self, op: str, job_id: str, payload: str = "", request_id: str = "") -> int:
+    async def _change(
+        self, op: str, job_id: str, payload: str = "", request_id: str = "", due_ms: str = ""
+    ) -> int:
         keys = self._keys
         reply = await JOB_CHANGE(
             self._redis,
-            [keys.runtime_jobs(), keys.paused_jobs(), keys.run_requests()],
+            [
+                keys.runtime_jobs(),
+                keys.paused_jobs(),
+                keys.run_requests(),
+                keys.due_dates(),
+                keys.recurring_jobs(),
+            ],
             [
                 op,
                 job_id,
@@ -361,6 +386,7 @@ class RuntimeJobs:
                 "1" if job_id in self._code_jobs() else "0",
                 request_id,
                 self.max_runtime_jobs,
+                due_ms,
             ],
         )
         return int(reply[0])
@@ -428,7 +454,10 @@ class RuntimeJobs:
             trigger = build_trigger(job.trigger)
             trigger_text = str(trigger)
             if not paused:
-                prev = ms_to_datetime(last_ms) if last_ms is not None else None
+                # A date job's pending fire is its run_date (its claim leaves no last fire).
+                prev = (
+                    ms_to_datetime(last_ms) if last_ms is not None and job.due_ms is None else None
+                )
                 nxt = trigger.get_next_fire_time(prev, datetime.now(UTC))
         except InvalidJobError:
             pass

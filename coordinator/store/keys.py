@@ -76,13 +76,24 @@ class Keys:
 
     def runtime_jobs(self) -> str:
         """Hash: runtime job id -> definition (JSON: task, trigger, args, kwargs). A date
-        job's field is removed by the claim of its fire."""
+        job's field is removed by the claim of its fire (see :meth:`due_dates`)."""
         return f"{self.prefix}jobs"
 
     def paused_jobs(self) -> str:
         """Set: ids of paused jobs, code-declared and runtime (a paused job's fires are
         refused by the claim script)."""
         return f"{self.prefix}jobs-paused"
+
+    def due_dates(self) -> str:
+        """Sorted set: runtime date job id -> its ``run_date`` (ms), while it is pending and
+        not paused. The leader reads only the next seconds of it; the claim of the fire
+        removes the entry, so a date job fires once per time it is added."""
+        return f"{self.prefix}jobs-due"
+
+    def recurring_jobs(self) -> str:
+        """Set: ids of runtime jobs with a recurring (interval, cron) trigger; the leader
+        holds all of these, and none of the date jobs beyond the next seconds."""
+        return f"{self.prefix}jobs-recurring"
 
     def run_requests(self) -> str:
         """Hash: "run now" request id -> request (JSON); taking one is its claim."""

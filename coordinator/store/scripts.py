@@ -94,6 +94,7 @@ CLAIM_FIRE = LuaScript("claim_fire")
 # Runtime jobs: change a definition, pause state or ask for a run (any process), and
 # claim a run request (the leader).
 JOB_CHANGE = LuaScript("job_change")
+JOBS_INDEX = LuaScript("jobs_index")
 CLAIM_RUN = LuaScript("claim_run")
 ONCE_BEGIN = LuaScript("once_begin")
 ONCE_RENEW = LuaScript("once_renew")

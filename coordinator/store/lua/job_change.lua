@@ -1,11 +1,13 @@
 -- Change one runtime job, or ask for a run now, and announce it to the leader, atomically.
 -- Any process calls it (the api role too); the leader applies the change on the notice.
 -- KEYS[1] runtime jobs hash (id -> definition JSON), KEYS[2] paused set,
--- KEYS[3] run requests hash (request id -> JSON)
+-- KEYS[3] run requests hash (request id -> JSON), KEYS[4] due-dates sorted set (date job
+-- id -> run_date ms, while pending and not paused), KEYS[5] recurring-jobs set
 -- ARGV[1] op: add | replace | remove | pause | resume | run
 -- ARGV[2] job id, ARGV[3] definition JSON (add, replace) or request JSON (run),
 -- ARGV[4] notice channel, ARGV[5] '1' when the caller declares the id in code,
--- ARGV[6] request id (run), ARGV[7] most runtime jobs allowed (add, replace)
+-- ARGV[6] request id (run), ARGV[7] most runtime jobs allowed (add, replace),
+-- ARGV[8] the run_date in ms of a date job, '' for a recurring one (add, replace)
 -- Returns {1} done; {0} no such job; {-1} the id is taken (add); {-2} the runtime job
 -- limit is reached (add, replace of a new id).
 -- Notices: 'job:<id>' for a change, 'run:<request id>' for a run request.
@@ -21,6 +23,13 @@ if op == 'add' or op == 'replace' then
   end
   redis.call('HSET', KEYS[1], id, ARGV[3])
   redis.call('SREM', KEYS[2], id)
+  if ARGV[8] ~= '' then
+    redis.call('ZADD', KEYS[4], ARGV[8], id)
+    redis.call('SREM', KEYS[5], id)
+  else
+    redis.call('ZREM', KEYS[4], id)
+    redis.call('SADD', KEYS[5], id)
+  end
   redis.call('PUBLISH', ARGV[4], 'job:' .. id)
   return {1}
 end
@@ -30,6 +39,8 @@ if op == 'remove' then
   end
   redis.call('HDEL', KEYS[1], id)
   redis.call('SREM', KEYS[2], id)
+  redis.call('ZREM', KEYS[4], id)
+  redis.call('SREM', KEYS[5], id)
   redis.call('PUBLISH', ARGV[4], 'job:' .. id)
   return {1}
 end
@@ -38,8 +49,15 @@ if not known and ARGV[5] ~= '1' then
 end
 if op == 'pause' then
   redis.call('SADD', KEYS[2], id)
+  redis.call('ZREM', KEYS[4], id)
 elseif op == 'resume' then
   redis.call('SREM', KEYS[2], id)
+  if known then
+    local due = cjson.decode(redis.call('HGET', KEYS[1], id))['due_ms']
+    if type(due) == 'number' then
+      redis.call('ZADD', KEYS[4], string.format('%d', due), id)
+    end
+  end
 elseif op == 'run' then
   redis.call('HSET', KEYS[3], ARGV[6], ARGV[3])
   redis.call('PUBLISH', ARGV[4], 'run:' .. ARGV[6])
