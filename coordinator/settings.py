@@ -198,7 +198,8 @@ class CoordinatorSettings(BaseSettings):
     retry_period_ms: int = Field(
         default=1000,
         gt=0,
-        description="How often followers campaign and check the holder's connection.",
+        description="The heir follower checks the holder's connection 4 times per period; "
+        "the other followers campaign once every 10 periods and on notices.",
     )
     backoff_max_ms: int = Field(default=5000, gt=0, description="Cap of the retry backoff.")
     min_replicas: int = Field(

@@ -6,6 +6,8 @@ Multi-process scenarios (kill, pause, many electors) are in test_election_procs.
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -190,6 +192,64 @@ async def test_killed_leader_connection_triggers_takeover(redis_client: Redis, m
     assert (b.token or 0) > term.token
     await async_wait_until(lambda: rec_a.revoked, timeout=5)
     assert rec_a.revoked[0] in {"lease lost", "connection replaced"}
+
+
+def heirs(electors: list[LeaderElector]) -> list[LeaderElector]:
+    return [e for e in electors if e.is_heir and not e.is_leader]
+
+
+async def test_one_heir_watches_the_holder_and_is_replaced_when_it_goes(
+    redis_client: Redis, redis_url: str, make: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Of four followers exactly one is the heir; it is replaced at once when it stops,
+    and within one renew interval of its key expiring when it vanishes; a crash of
+    the leader is then found by the heir's connection check, not by the lease TTL."""
+    caplog.set_level(logging.INFO, logger="coordinator.election")
+    own = create_redis(redis_url)  # the leader's own connections, closed as by a crash
+    leader, _ = make(own, "lead")
+    await leader.start()
+    term = await leader.wait_for_leadership(timeout=5)
+    followers = [make(redis_client, f"e{i}")[0] for i in range(4)]
+    for e in followers:
+        await e.start()
+    await async_wait_until(lambda: len(heirs(followers)) == 1, 5, message="one heir")
+    heir = heirs(followers)[0]
+    assert json.loads(await redis_client.get(leader.keys.heir(leader.name)))["instance_id"] == (
+        heir.instance_id
+    )
+    await heir.stop()  # resigns: a notice, another follower takes the role
+    rest = [e for e in followers if e is not heir]
+    await async_wait_until(lambda: len(heirs(rest)) == 1, 5, message="a new heir after a stop")
+    heir = heirs(rest)[0]
+    await heir.stop(release=False)  # vanishes: its key expires, the leader announces it
+    rest = [e for e in rest if e is not heir]
+    await async_wait_until(lambda: len(heirs(rest)) == 1, 5, message="a new heir after expiry")
+    heir = heirs(rest)[0]
+    await leader.stop(release=False)  # the lease stays until its TTL...
+    await own.aclose()  # ...and the leader's connections close
+    await async_wait_until(lambda: len(leaders(rest)) == 1, 5, message="a follower took over")
+    assert (leaders(rest)[0].token or 0) > term.token
+    # The lease was deleted for the lost connection (the heir's check), not left to expire.
+    found = f"{heir.instance_id}: holder {leader.instance_id} (token {term.token}) lost its"
+    assert [r for r in caplog.records if r.getMessage().startswith(found)]
+
+
+async def test_an_heir_on_the_leaders_host_gives_way_to_a_follower_on_another(
+    redis_client: Redis, make: Make
+) -> None:
+    leader, _ = make(redis_client, "lead")
+    local, _ = make(redis_client, "local")
+    remote, _ = make(redis_client, "remote")
+    leader.hostname = local.hostname = "host-a"
+    remote.hostname = "host-b"
+    await leader.start()
+    await leader.wait_for_leadership(timeout=5)
+    await local.start()
+    await async_wait_until(lambda: local.is_heir, 5, message="the only follower is heir")
+    await remote.start()
+    await async_wait_until(
+        lambda: remote.is_heir and not local.is_heir, 10, message="the remote follower is heir"
+    )
 
 
 async def test_failing_callback_does_not_stop_the_elector(

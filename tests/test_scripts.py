@@ -34,10 +34,58 @@ async def test_acquire_seeds_token_from_server_clock(redis_client: Redis, keys: 
     assert 0 < await redis_client.pttl(keys.lease("e")) <= 5000
 
 
-async def test_acquire_when_held_returns_holder_and_ttl(redis_client: Redis, keys: Keys) -> None:
+async def test_acquire_when_held_returns_holder(redis_client: Redis, keys: Keys) -> None:
     _, value = await acquire(redis_client, keys, "a")
-    won, current, pttl = await acquire(redis_client, keys, "b")
-    assert won == 0 and current == value and 0 < int(pttl) <= 5000  # type: ignore[call-overload]
+    won, current, role = await acquire(redis_client, keys, "b")
+    assert won == 0 and current == value and role == 0
+
+
+async def heir_acquire(redis: Redis, keys: Keys, who: str, host: str) -> list[object]:
+    heir = json.dumps({"instance_id": who, "hostname": host})
+    return list(
+        await ACQUIRE(
+            redis,
+            [keys.lease("e"), keys.fencing("e"), keys.heir("e")],
+            [5000, who, host, 1, 1, heir, 2000, keys.election_notices("e")],
+        )
+    )
+
+
+async def test_heir_role_taken_kept_moved_off_the_leaders_host_and_freed_by_winning(
+    redis_client: Redis, keys: Keys
+) -> None:
+    assert (await heir_acquire(redis_client, keys, "lead", "h1"))[0] == 1
+    assert (await heir_acquire(redis_client, keys, "f1", "h1"))[2] == 1  # vacant: taken
+    assert (await heir_acquire(redis_client, keys, "f1", "h1"))[2] == 1  # kept
+    assert 1000 < await redis_client.pttl(keys.heir("e")) <= 2000
+    assert (await heir_acquire(redis_client, keys, "f3", "h1"))[2] == 0  # same host: no
+    assert (await heir_acquire(redis_client, keys, "f2", "h2"))[2] == 1  # another host: yes
+    assert (await heir_acquire(redis_client, keys, "f1", "h1"))[2] == 0
+    assert (await heir_acquire(redis_client, keys, "f3", "h3"))[2] == 0  # f2 is off-host
+    await redis_client.delete(keys.lease("e"))
+    async with redis_client.pubsub() as pubsub:
+        await pubsub.subscribe(keys.election_notices("e"))
+        await pubsub.get_message(timeout=1)
+        assert (await heir_acquire(redis_client, keys, "f2", "h2"))[0] == 1  # the heir wins
+        assert await redis_client.get(keys.heir("e")) is None
+        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=2)
+    assert message is not None and message["data"] == b"heir vacant"
+
+
+async def test_renew_announces_a_vacant_heir_role(redis_client: Redis, keys: Keys) -> None:
+    _, value = await acquire(redis_client, keys, "a")
+    heir_keys = [keys.lease("e"), keys.heir("e")]
+    async with redis_client.pubsub() as pubsub:
+        await pubsub.subscribe(keys.election_notices("e"))
+        await pubsub.get_message(timeout=1)
+        await redis_client.set(keys.heir("e"), "x")
+        args = [value, 5000, keys.election_notices("e")]
+        assert await RENEW(redis_client, heir_keys, args) == 1
+        assert await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.2) is None
+        await redis_client.delete(keys.heir("e"))
+        assert await RENEW(redis_client, heir_keys, args) == 1
+        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=2)
+    assert message is not None and message["data"] == b"heir vacant"
 
 
 async def test_tokens_strictly_increase(redis_client: Redis, keys: Keys) -> None:

@@ -14,10 +14,18 @@ Guarantees:
 - On :meth:`LeaderElector.stop` the leader runs ``on_revoked`` first (its work
   stops), then deletes its exact lease and publishes a notice, so followers
   campaign at once instead of waiting for the TTL.
-- Followers check every ``retry_period`` that the holder's Redis connection
-  still exists (``CLIENT LIST ID``); a crashed holder's sockets close, so its
-  lease is deleted (compare-and-delete) and taken within about one retry period.
-  A holder whose host vanished without closing its sockets is caught by the TTL.
+- One follower, the *heir*, checks every ``retry_period / 4`` that the
+  holder's Redis connection still exists (``CLIENT LIST ID``); a crashed
+  holder's sockets close, so its lease is deleted (compare-and-delete), a
+  notice wakes every follower, and the lease is taken within about a quarter
+  of a retry period. A holder whose host vanished without closing its sockets
+  is caught by the TTL (the heir campaigns at the same pace).
+- The other followers cost Redis almost nothing: they campaign once every
+  ``10 * retry_period`` and otherwise wait for a notice (a release, a crash
+  found by the heir, a vacant heir role). The heir role is a key with a TTL of
+  ``2 * retry_period``: the leader's renewal announces a vacancy, so a crashed
+  heir is replaced within one renew interval, and a follower on another host
+  takes the role from an heir on the leader's own host.
 
 Limits, said plainly:
 
@@ -28,6 +36,9 @@ Limits, said plainly:
   every fire. Pass :attr:`Term.token` to downstream systems to fence them too.
 - Timing assumes clocks advance at roughly the same rate on clients and
   server (not that they agree on the time).
+- If the leader and its heir die together (one host, all of its processes),
+  the next follower's own check finds the lease gone within
+  ``10 * retry_period`` after it expires.
 - If the leader's own Redis connection is replaced (a network blip), the lease
   still names the old connection; the leader steps down and campaigns again,
   a spurious but safe failover.
@@ -134,6 +145,9 @@ class LeaderElector:
         self._lease_key = self.keys.lease(self.name)
         self._fencing_key = self.keys.fencing(self.name)
         self._notices = self.keys.election_notices(self.name)
+        self._heir_key = self.keys.heir(self.name)
+        self.is_heir = False
+        """This follower is the heir: it checks the holder closely (see module doc)."""
         self._on_elected: list[ElectedCallback] = [on_elected] if on_elected else []
         self._on_revoked: list[RevokedCallback] = [on_revoked] if on_revoked else []
         self._term: Term | None = None
@@ -146,6 +160,7 @@ class LeaderElector:
         self._notice_task: asyncio.Task[None] | None = None
         self._changed = asyncio.Condition()
         self.hostname = socket.gethostname()
+
         self.pid = os.getpid()
         self.stats = ElectionStats()
         """What this elector counted since it was made (for metrics)."""
@@ -250,6 +265,8 @@ class LeaderElector:
         self._task = self._notice_task = None
         if self._term is not None:
             await self._end_term("released", release=release)
+        elif self.is_heir and release:
+            await self._resign_heir()
         if self._conn is not None:
             with contextlib.suppress(Exception):
                 await self._conn.aclose()
@@ -308,11 +325,21 @@ class LeaderElector:
         if not self._client_id:
             self._client_id = int(await conn.client_id())
         client_id = self._client_id
-        won, value, *_ = await ACQUIRE(
+        won, value, *role = await ACQUIRE(
             conn,
-            [self._lease_key, self._fencing_key],
-            [self.settings.lease_ttl_ms, self.instance_id, self.hostname, self.pid, client_id],
+            [self._lease_key, self._fencing_key, self._heir_key],
+            [
+                self.settings.lease_ttl_ms,
+                self.instance_id,
+                self.hostname,
+                self.pid,
+                client_id,
+                self._heir_value,
+                2 * self.settings.retry_period_ms,
+                self._notices,
+            ],
         )
+        self.is_heir = not won and role == [1]
         if won:
             value_s = text(value)
             info = json.loads(value_s)
@@ -325,9 +352,20 @@ class LeaderElector:
             self._renewed_mono = started  # the term's clock starts before the SET
             await self._begin_term(Term(int(info["fencing_token"]), value_s, client_id))
             return
-        if self._crash_check and await self._holder_is_gone(conn, value):
+        if self.is_heir and self._crash_check and await self._holder_is_gone(conn, value):
             return  # lease deleted: campaign again immediately
         await self._sleep(self._retry_delay())
+
+    async def _resign_heir(self) -> None:
+        """Give up the heir role on stop, so another follower takes it at once."""
+        self.is_heir = False
+        try:
+            async with asyncio.timeout(self.settings.retry_period):
+                await RELEASE(
+                    self._redis, [self._heir_key], [self._heir_value, self._notices, "heir vacant"]
+                )
+        except REDIS_UNREACHABLE as exc:
+            logger.info("%s: could not resign as heir (%s); it expires", self.instance_id, exc)
 
     async def _holder_is_gone(self, conn: Redis, value: bytes) -> bool:
         try:
@@ -377,7 +415,9 @@ class LeaderElector:
         conn = self._connection()
         async with asyncio.timeout(max(0.01, self._time_to_deadline())):
             renewed = await RENEW(
-                conn, [self._lease_key], [term.lease_value, self.settings.lease_ttl_ms]
+                conn,
+                [self._lease_key, self._heir_key],
+                [term.lease_value, self.settings.lease_ttl_ms, self._notices],
             )
             client_id = int(await conn.client_id())
         if not renewed:
@@ -451,9 +491,17 @@ class LeaderElector:
             raise RuntimeError("LeaderElector is not started")
         return self._conn
 
+    @property
+    def _heir_value(self) -> str:
+        return json.dumps(
+            {"instance_id": self.instance_id, "hostname": self.hostname}, separators=(",", ":")
+        )
+
     def _retry_delay(self) -> float:
-        # A little jitter so followers' checks spread out over the period.
-        return self.settings.retry_period * random.uniform(0.8, 1.0)
+        """The heir checks 4 times per retry period, the others once per 10 (notices
+        wake them at once); a little jitter spreads the checks out."""
+        period = self.settings.retry_period * (0.25 if self.is_heir else 10.0)
+        return period * random.uniform(0.8, 1.0)
 
     async def _sleep(self, seconds: float) -> None:
         """Sleep, but wake early on a release notice (cleared by the caller)."""

@@ -52,6 +52,11 @@ class Keys:
         """Integer counter: the last fencing token handed out for this election."""
         return f"{self.prefix}fencing:{election}"
 
+    def heir(self, election: str) -> str:
+        """String with a TTL: the follower that watches the holder closely (JSON:
+        instance_id, hostname); the other followers wait for notices."""
+        return f"{self.prefix}heir:{election}"
+
     def election_notices(self, election: str) -> str:
         """Pub/Sub channel: a leader publishes here when it releases its lease."""
         return f"{self.prefix}notices:{election}"
