@@ -3,8 +3,9 @@
     python -m bench failover [--trials 20] [--followers 2] [--fast]
 
 Prints p50/p95/p99/max in ms for each kind, and the Redis commands per second
-that one idle follower costs. Uses the library's default timings unless
-``--fast`` (lease 1.5 s, retry 0.3 s). Each run uses a redis-server it starts.
+of a leader with 1, 10 and 100 idle followers (``--cost-followers``). Uses the
+library's default timings unless ``--fast`` (lease 1.5 s, retry 0.3 s). Each
+run uses a redis-server it starts.
 Times are taken on the system-wide monotonic clock in each process:
 handoff = old leader's "revoked" -> new leader's "elected";
 crash = SIGKILL sent -> new leader's "elected".
@@ -96,27 +97,46 @@ def run_trials(
     return {"graceful handoff": handoff, "crash (SIGKILL)": crash}
 
 
-def follower_cost(env: dict[str, str], followers: int, window: float) -> float:
-    """Redis commands per second per idle follower (leader's own load subtracted)."""
+def election_cost(env: dict[str, str], counts: list[int], window: float) -> dict[int, float]:
+    """Redis commands per second of one leader and ``n`` idle followers, for each ``n``
+    (followers run 25 to a process, each elector on its own connection, as separate
+    processes would; counted from ``total_commands_processed``, which includes the
+    commands run inside scripts)."""
 
     def commands_per_second(n_followers: int) -> float:
         with RedisServer() as server:
             group = Group(server.url, env)
-            for _ in range(n_followers + 1):
-                group.spawn()
+            group.spawn()
             group.leader(group.procs)
-            time.sleep(1.0)
+            left = n_followers
+            while left:
+                k = min(25, left)
+                left -= k
+                if k == 1:
+                    group.spawn()
+                    continue
+                group.count += 1
+                proc = Proc(
+                    "tests.support.elector_proc",
+                    server.url,
+                    group.namespace,
+                    f"f{group.count}",
+                    str(k),
+                    env=env,
+                    name=f"f{group.count}",
+                )
+                group.procs.append(proc)
+                wait_for(lambda p=proc: p.of("ready"), 60, "electors ready", [proc])
             client = redis_sync.Redis.from_url(server.url)
+            time.sleep(max(3.0, window / 3))  # let the start-up campaigns settle
             before = int(client.info("stats")["total_commands_processed"])
             time.sleep(window)
             after = int(client.info("stats")["total_commands_processed"])
             client.close()
             stop_all(group.procs)
-            return (after - before - 2) / window  # minus our own two INFO calls
+            return (after - before - 1) / window  # minus our own INFO call
 
-    alone = commands_per_second(0)
-    crowd = commands_per_second(followers)
-    return (crowd - alone) / followers
+    return {n: commands_per_second(n) for n in counts}
 
 
 def main(argv: list[str]) -> int:
@@ -124,14 +144,17 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--followers", type=int, default=2)
     parser.add_argument("--fast", action="store_true", help="test timings instead of defaults")
-    parser.add_argument("--window", type=float, default=10.0)
+    parser.add_argument("--window", type=float, default=30.0)
+    parser.add_argument(
+        "--cost-followers", type=int, nargs="*", default=[1, 10, 100], help="idle followers"
+    )
     args = parser.parse_args(argv)
     env = FAST_ENV if args.fast else {}
     timing = "lease 1.5 s, retry 0.3 s" if args.fast else "defaults: lease 5 s, retry 1 s"
 
     with RedisServer() as server:
         results = run_trials(server.url, env, args.trials, args.followers)
-    cost = follower_cost(env, 4, args.window)
+    costs = election_cost(env, [0, *args.cost_followers], args.window)
 
     rows = ["| failover | n | p50 ms | p95 ms | p99 ms | max ms |", "|---|---|---|---|---|---|"]
     summary = {}
@@ -144,12 +167,30 @@ def main(argv: list[str]) -> int:
         )
     print(f"\nLeader failover, {args.followers + 1} processes, {timing}\n")
     print("\n".join(rows))
-    print(f"\nRedis commands per second per idle follower: {cost:.2f}")
+    alone = costs[0]
+    cost_rows = [
+        "| idle followers | Redis commands/s, all | per follower (leader's own subtracted) |",
+        "|---|---|---|",
+        f"| 0 (the leader alone) | {alone:.2f} | |",
+    ]
+    per_follower = {}
+    for n, total in costs.items():
+        if n:
+            per_follower[n] = (total - alone) / n
+            cost_rows.append(f"| {n} | {total:.2f} | {per_follower[n]:.3f} |")
+    print("\n".join(["", *cost_rows]))
+    cost = per_follower.get(max(per_follower), float("nan")) if per_follower else float("nan")
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"failover{'-fast' if args.fast else ''}.json"
     out.write_text(
         json.dumps(
-            {"timing": timing, "summary": summary, "raw": results, "follower_commands_per_s": cost},
+            {
+                "timing": timing,
+                "summary": summary,
+                "raw": results,
+                "commands_per_s": costs,
+                "follower_commands_per_s": cost,
+            },
             indent=2,
         )
     )

@@ -1,6 +1,8 @@
 """Child process: one LeaderElector, reporting its terms as JSON lines.
 
-Usage: python -m tests.support.elector_proc REDIS_URL NAMESPACE INSTANCE_ID
+Usage: python -m tests.support.elector_proc REDIS_URL NAMESPACE INSTANCE_ID [COUNT]
+With COUNT > 1 it runs that many electors (ids INSTANCE_ID.1 ...), each on its own
+connection, as that many processes would (for the election-cost benchmark).
 Timing settings come from COORDINATOR_* variables. SIGTERM stops it gracefully
 (the lease is released). Events: ready, elected, revoked (with the server-side
 check of the term just ended), stopped.
@@ -16,6 +18,29 @@ from coordinator import CoordinatorSettings, LeaderElector, Term, create_redis
 from coordinator.store.scripts import CHECK
 
 from .procs import emit
+
+
+async def many(url: str, namespace: str, instance_id: str, count: int) -> None:
+    redis = create_redis(url)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    electors = [
+        LeaderElector(
+            redis,
+            CoordinatorSettings(
+                redis_url=url, namespace=namespace, instance_id=f"{instance_id}.{k}"
+            ),
+        )
+        for k in range(1, count + 1)
+    ]
+    for elector in electors:
+        await elector.start()
+    emit("ready", instance_id=instance_id, count=count)
+    await stop.wait()
+    for elector in electors:
+        await elector.stop()
+    await redis.aclose()
+    emit("stopped", instance_id=instance_id)
 
 
 async def main(url: str, namespace: str, instance_id: str) -> None:
@@ -58,4 +83,7 @@ async def main(url: str, namespace: str, instance_id: str) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(*sys.argv[1:4]))
+    if len(sys.argv) > 4 and int(sys.argv[4]) > 1:
+        asyncio.run(many(*sys.argv[1:4], int(sys.argv[4])))
+    else:
+        asyncio.run(main(*sys.argv[1:4]))

@@ -2,7 +2,8 @@
 
 Two :class:`Coordinator` s on one URL: election (acquire, renew, follower crash
 checks, release and notice, handoff), a job fired and recorded, run-once,
-publish, live subscribe and replay, presence and the status read.
+runtime jobs (a date job fired once, a recurring one paused, resumed, run and
+removed), publish, live subscribe and replay, presence and the status read.
 """
 
 from __future__ import annotations
@@ -35,6 +36,12 @@ def make_coordinator(url: str, namespace: str, name: str, **extra: Any) -> Coord
     )
     coordinator = Coordinator(settings, shutdown_timeout=2)
     coordinator.fires: list[tuple[str, int]] = []  # type: ignore[attr-defined]
+
+    coordinator.notes: list[str] = []  # type: ignore[attr-defined]
+
+    @coordinator.task("note")
+    async def note(ctx: JobContext) -> None:
+        coordinator.notes.append(ctx.job_id)  # type: ignore[attr-defined]
 
     @coordinator.job("interval", seconds=0.3, id="tick")
     async def tick(ctx: JobContext) -> None:
@@ -73,6 +80,17 @@ async def exercise(url: str, namespace: str) -> dict[str, Any]:
         once_result = await asyncio.gather(
             a.once("migrate", lambda: 42), b.once("migrate", lambda: 42)
         )
+        await other.jobs.add_job("note", {"type": "date"}, id="remind")
+        await other.jobs.add_job("note", {"type": "interval", "hours": 1}, id="hourly")
+        await other.jobs.pause_job("hourly")
+        await other.jobs.resume_job("hourly")
+        await other.jobs.run_job_now("hourly")
+        await async_wait_until(
+            lambda: sorted(first.notes) == ["hourly", "remind"],  # type: ignore[attr-defined]
+            10,
+            message="the runtime jobs never ran",
+        )
+        await other.jobs.remove_job("hourly")
         await asyncio.wait_for(other.relay.wait_ready(10), 10)
         first_id = await first.publish("ops", {"n": 1})
         async with await other.relay.subscribe("ops", last_event_id="0-0") as sub:
