@@ -25,7 +25,7 @@ from coordinator.errors import (
     TaskLookupError,
 )
 from coordinator.scheduler.runs import RunHistory
-from coordinator.store.scripts import CLAIM_FIRE
+from coordinator.store.scripts import CLAIM_FIRE, DUE_PRUNE
 from coordinator.testing import async_wait_until
 
 from .support.timing import FAST
@@ -379,10 +379,7 @@ async def test_pending_date_jobs_wait_in_redis_and_the_leader_holds_only_the_nex
     later = {"type": "date", "run_date": iso(datetime.now(UTC) + timedelta(hours=1))}
     for start in range(0, 3000, 20):
         await asyncio.gather(
-            *(
-                api.runtime.add_job("note", later, id=f"later-{i}")
-                for i in range(start, start + 20)
-            )
+            *(api.runtime.add_job("note", later, id=f"later-{i}") for i in range(start, start + 20))
         )
     now = datetime.now(UTC)
     soon, moved, gone = (now + timedelta(milliseconds=ms) for ms in (300, 600, 700))
@@ -495,6 +492,22 @@ async def test_jobs_stored_before_the_due_dates_index_are_indexed_by_the_next_le
     await again.start()
     await leader_of(again)
     assert again._follower.indexed == 0
+
+
+async def test_due_index_prune_keeps_entries_that_match_their_job(
+    redis_client: Redis, namespace: str
+) -> None:
+    keys = Keys(namespace)
+    await redis_client.hset(
+        keys.runtime_jobs(),
+        mapping={"match": '{"due_ms":1000}', "moved": '{"due_ms":3000}', "junk": "not json"},
+    )
+    await redis_client.zadd(
+        keys.due_dates(), {"match": 1000, "moved": 2000, "junk": 1, "orphan": 5}
+    )
+    ids = ["match", "moved", "junk", "orphan", "absent"]
+    assert await DUE_PRUNE(redis_client, [keys.runtime_jobs(), keys.due_dates()], ids) == 3
+    assert await redis_client.zrange(keys.due_dates(), 0, -1) == [b"match"]
 
 
 def test_cli_jobs_add_list_pause_resume_run_remove(redis_url: str, namespace: str) -> None:

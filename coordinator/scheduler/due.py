@@ -51,6 +51,7 @@ from coordinator.scheduler.firing import FireRunner
 from coordinator.scheduler.runtime import RuntimeJob, TaskRegistry
 from coordinator.store.codec import text
 from coordinator.store.keys import Keys
+from coordinator.store.scripts import DUE_PRUNE
 
 logger = logging.getLogger("coordinator.scheduler")
 
@@ -153,12 +154,15 @@ class DueDates:
             for (job_id, due_ms), raw in zip(fresh, raws, strict=True):
                 job = RuntimeJob.from_json(raw) if raw is not None else None
                 if job is None or job.due_ms != due_ms:
-                    stale.append(job_id)  # written outside the library: never due
+                    stale.append(job_id)  # changed since the read, or never a job
                 else:
                     self._hold(job)
             if stale:
-                logger.warning("due-dates index entries without a matching job: %s", stale[:5])
-                await self._redis.zrem(self._keys.due_dates(), *stale)
+                keys = [self._keys.runtime_jobs(), self._keys.due_dates()]
+                if removed := int(await DUE_PRUNE(self._redis, keys, stale)):
+                    logger.warning(
+                        "removed %d due-dates index entries without a matching job", removed
+                    )
         return BACKLOG_POLL_S if len(entries) >= skip + want else POLL_S
 
     def update(self, job_id: str, job: RuntimeJob | None, paused: bool) -> None:

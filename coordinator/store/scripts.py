@@ -95,6 +95,7 @@ CLAIM_FIRE = LuaScript("claim_fire")
 # claim a run request (the leader).
 JOB_CHANGE = LuaScript("job_change")
 JOBS_INDEX = LuaScript("jobs_index")
+DUE_PRUNE = LuaScript("due_prune")
 CLAIM_RUN = LuaScript("claim_run")
 ONCE_BEGIN = LuaScript("once_begin")
 ONCE_RENEW = LuaScript("once_renew")
