@@ -33,7 +33,7 @@ ACL_COMMANDS = (
     "+subscribe +publish +time +exists +pttl +pexpire +expire +persist "
     "+incr +hget +hset +xadd +xrange +xinfo|stream "
     "+hlen +zcard +zrange +zrem +rename +incrby +script|load "
-    "+hdel +hexists +hkeys +hmget +sadd +srem +sismember +smembers +smismember +scard "
+    "+hdel +hexists +hkeys +hmget +sadd +srem +sismember +smembers +smismember "
     "+zscore +hscan"
 )
 """Every command the library sends, directly or from its Lua scripts (README: ACL)."""

@@ -337,7 +337,7 @@ async def test_claim_refuses_paused_and_takes_a_date_job_once(
     keys = Keys(namespace)
     lease = keys.lease("leader")
     await redis_client.set(lease, '{"v":1}')
-    await redis_client.hset(keys.runtime_jobs(), mapping={"d": "{}", "e": "{}"})
+    await redis_client.hset(keys.runtime_jobs(), mapping={"d": '{"rev":"r1"}', "e": '{"rev":"r1"}'})
     await redis_client.zadd(keys.due_dates(), {"d": 1000, "e": 2000})
     await redis_client.sadd(keys.paused_jobs(), "p")
     all_keys = [
@@ -349,12 +349,13 @@ async def test_claim_refuses_paused_and_takes_a_date_job_once(
         keys.due_dates(),
     ]
 
-    async def claim(job_id: str, ms: int, final: str) -> list[Any]:
-        args = ['{"v":1}', job_id, ms, "run", "", 100, final]
+    async def claim(job_id: str, ms: int, final: str, rev: str = "r1") -> list[Any]:
+        args = ['{"v":1}', job_id, ms, "run", "", 100, final, rev]
         return list(await CLAIM_FIRE(redis_client, all_keys, args))
 
     assert (await claim("p", 1000, "0"))[0] == -2
     assert (await claim("e", 1000, "1"))[0] == -3  # not its run_date
+    assert (await claim("d", 1000, "1", rev="r0"))[0] == -3  # replaced since read
     assert (await claim("d", 1000, "1"))[0] == 1
     assert not await redis_client.hexists(keys.runtime_jobs(), "d")
     assert await redis_client.zscore(keys.due_dates(), "d") is None
@@ -450,6 +451,45 @@ async def test_a_backlog_of_overdue_date_jobs_runs_once_when_a_leader_comes(
     assert leader._runner.stats.missed == 0
 
 
+async def test_a_date_job_added_again_while_its_run_goes_on_runs_once_more(
+    make: Make, redis_client: Redis, namespace: str
+) -> None:
+    """A reminder that reschedules itself: the new add, due while the first run still
+    goes on, runs once; nothing is left behind."""
+    leader = make("leader")
+    runs: list[int] = []
+    finish = asyncio.Event()
+
+    @leader.task("again")
+    async def again(ctx: JobContext, n: int) -> None:
+        runs.append(n)
+        if n == 1:
+            soon = iso(datetime.now(UTC) + timedelta(milliseconds=200))
+            await leader.runtime.add_job(
+                "again", {"type": "date", "run_date": soon}, id=ctx.job_id, kwargs={"n": 2}
+            )
+            await finish.wait()
+
+    await leader.start()
+    await leader_of(leader)
+    await leader.runtime.add_job("again", {"type": "date"}, id="self", kwargs={"n": 1})
+    await async_wait_until(lambda: runs == [1, 2], 10, message="the second add ran")
+    finish.set()
+    keys = Keys(namespace)
+
+    async def settled() -> bool:
+        return (
+            not leader._runner.tasks
+            and leader._follower.due.held == 0
+            and await redis_client.zcard(keys.due_dates()) == 0
+            and await redis_client.hlen(keys.runtime_jobs()) == 0
+        )
+
+    await async_wait_until(settled, 10, message="nothing left")
+    assert runs == [1, 2]
+    assert not await redis_client.hexists(keys.last_fire(), "self")
+
+
 async def test_jobs_stored_before_the_due_dates_index_are_indexed_by_the_next_leader(
     make: Make, redis_client: Redis, namespace: str
 ) -> None:
@@ -476,7 +516,7 @@ async def test_jobs_stored_before_the_due_dates_index_are_indexed_by_the_next_le
     await redis_client.hset(
         keys.runtime_jobs(), mapping={k: stored_before(j) for k, j in old.items()}
     )
-    await redis_client.sadd(keys.paused_jobs(), "b")
+    await redis_client.sadd(keys.paused_jobs(), "b", "declared-elsewhere")
     await leader.start()
     await leader_of(leader)
     assert leader._follower.indexed == 3
@@ -487,6 +527,15 @@ async def test_jobs_stored_before_the_due_dates_index_are_indexed_by_the_next_le
     await leader.runtime.resume_job("b")
     await async_wait_until(lambda: len(calls) == 2, 5, message="the resumed old date job ran")
     assert sorted(c[0] for c in calls) == ["a", "b"]
+    # A process of the older version adds one during a rolling update: its notice
+    # arrives, and the leader indexes it then.
+    at = iso(datetime.now(UTC) + timedelta(milliseconds=300))
+    late = leader.runtime.build("note", {"type": "date", "run_date": at}, id="d")
+    await redis_client.hset(keys.runtime_jobs(), "d", stored_before(late))
+    await redis_client.publish(keys.job_changes(), "job:d")
+    await async_wait_until(lambda: len(calls) == 3, 5, message="the rolling-update job ran")
+    assert calls[-1][0] == "d"
+    assert await redis_client.hlen(keys.runtime_jobs()) == 1  # c
     await leader.stop(timeout=2)
     again = make("again", calls)
     await again.start()

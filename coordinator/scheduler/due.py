@@ -17,8 +17,9 @@ Guarantees:
 - **Once.** A timer hands the fire to the scheduler's
   :class:`~coordinator.scheduler.firing.FireRunner`; the claim script then takes
   the job's due entry, which must still hold exactly this ``run_date``, with its
-  definition. A fire of a job removed, paused or given another ``run_date`` in the
-  meantime is refused inside Redis, whatever this process held.
+  definition, which must still have the revision read. A fire of a job removed,
+  paused or replaced in the meantime is refused inside Redis, whatever this
+  process held.
 - **Cost does not grow with pending jobs.** A new leader starts firing after one
   read (nothing to load); memory is O(jobs due within the lookahead).
 - **Late fires follow the misfire rule.** Entries that fell due while there was no
@@ -81,6 +82,15 @@ def runnable(job: RuntimeJob, tasks: TaskRegistry, default_grace: int) -> Simple
     )
 
 
+def parse_job(raw: bytes | str) -> RuntimeJob | None:
+    """A stored definition, or ``None`` (logged) when it is not one (written by hand)."""
+    try:
+        return RuntimeJob.from_json(raw)
+    except (ValueError, TypeError, KeyError) as exc:
+        logger.warning("ignoring a runtime job definition that does not parse: %r", exc)
+        return None
+
+
 def missing_task(name: str, why: str) -> Callable[..., Any]:
     """Stands in for a task this process lacks: its fires are recorded as errors."""
 
@@ -113,7 +123,8 @@ class DueDates:
         self._tasks = tasks
         self._default_grace = default_grace
         self._held: dict[str, tuple[RuntimeJob, asyncio.TimerHandle]] = {}
-        self._firing: set[str] = set()
+        self._claiming: dict[str, int] = {}
+        """Fires handed to the runner whose claim is not decided yet, by job id."""
         self.polls = 0
 
     @property
@@ -121,18 +132,15 @@ class DueDates:
         """Date jobs with a timer set and not handed to the runner yet."""
         return len(self._held)
 
-    def is_final(self, job_id: str) -> bool:
-        """True while ``job_id``'s date fire is with the runner (its claim is final)."""
-        return job_id in self._firing
-
     async def poll(self) -> float:
         """Read the index up to now + :data:`LOOKAHEAD_S` and set timers for new
         entries; returns the seconds until the next read should happen."""
-        want = BATCH - len(self._firing)
+        claiming = sum(self._claiming.values())
+        want = BATCH - claiming
         if want <= 0:
-            return BACKLOG_POLL_S  # the runner has a batch in hand: wait for it
+            return BACKLOG_POLL_S  # the runner has a batch of claims in hand: wait for it
         horizon = int((time.time() + LOOKAHEAD_S) * 1000)
-        skip = len(self._held) + len(self._firing)
+        skip = len(self._held) + claiming
         entries = await self._redis.zrange(
             self._keys.due_dates(),
             "-inf",
@@ -146,13 +154,13 @@ class DueDates:
         fresh = [
             (job_id, int(score))
             for job_id, score in ((text(m), s) for m, s in cast(list[tuple[bytes, float]], entries))
-            if job_id not in self._held and job_id not in self._firing
+            if job_id not in self._held and job_id not in self._claiming
         ]
         if fresh:
             raws = await self._redis.hmget(self._keys.runtime_jobs(), [j for j, _ in fresh])
             stale = []
             for (job_id, due_ms), raw in zip(fresh, raws, strict=True):
-                job = RuntimeJob.from_json(raw) if raw is not None else None
+                job = parse_job(raw) if raw is not None else None
                 if job is None or job.due_ms != due_ms:
                     stale.append(job_id)  # changed since the read, or never a job
                 else:
@@ -201,6 +209,15 @@ class DueDates:
         job = held[0]
         assert job.due_ms is not None
         target = runnable(job, self._tasks, self._default_grace)
-        self._firing.add(job_id)
-        task = self._runner.spawn(self._runner.fire(target, [ms_to_datetime(job.due_ms)]))
-        task.add_done_callback(lambda _: self._firing.discard(job_id))
+        target.final_rev = job.rev
+        self._claiming[job_id] = self._claiming.get(job_id, 0) + 1
+
+        def decided() -> None:
+            left = self._claiming[job_id] - 1
+            if left:
+                self._claiming[job_id] = left
+            else:
+                del self._claiming[job_id]
+
+        at = ms_to_datetime(job.due_ms)
+        self._runner.spawn(self._runner.fire(target, [at], claimed=decided))

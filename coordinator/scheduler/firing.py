@@ -195,10 +195,6 @@ class FireRunner:
         self.claiming = 0
         """Claim scripts sent to Redis and not answered yet."""
         self.stats = FireStats()
-        self.is_final: Callable[[str], bool] = lambda job_id: False
-        """True for a runtime date job's one fire: it is claimed through the job's
-        pending entry in the due-dates index, which the claim removes with the
-        definition (see :mod:`coordinator.scheduler.due`)."""
 
     # -- terms ------------------------------------------------------------------
     def begin(self, term: Term) -> None:
@@ -270,16 +266,41 @@ class FireRunner:
                 del self._turns[job_id]
 
     async def fire(
-        self, job: Any, run_times: list[datetime], skipped: Skipped | None = None
+        self,
+        job: Any,
+        run_times: list[datetime],
+        skipped: Skipped | None = None,
+        *,
+        claimed: Callable[[], None] | None = None,
     ) -> list[Any]:
-        """Handle APScheduler's due ``run_times`` of ``job``; return APScheduler events."""
-        term = self.term
-        if term is None or not self.current(term):
-            return []
+        """Handle APScheduler's due ``run_times`` of ``job``; return APScheduler events.
+
+        A runtime date job's one fire has ``job.final_rev`` (its definition's revision):
+        it is claimed through its pending entry in the due-dates index, which must still
+        hold this time and this revision (see :mod:`coordinator.scheduler.due`).
+        ``claimed`` is called once every claim of the batch is decided, before any run.
+        """
+        try:
+            term = self.term
+            if term is None or not self.current(term):
+                return []
+            events, pending = await self._claim_batch(job, run_times, skipped, term)
+        finally:
+            if claimed is not None:
+                claimed()
+        if pending is not None:
+            events.append(await self._start(job, pending, term))
+        return [e for e in events if e is not None]
+
+    async def _claim_batch(
+        self, job: Any, run_times: list[datetime], skipped: Skipped | None, term: Term
+    ) -> tuple[list[Any], datetime | None]:
+        """Claim the batch in the job's turn; returns events and the fire left to start."""
+        final_rev: str | None = getattr(job, "final_rev", None)
         pending: datetime | None = None  # claimed, not started yet
         async with self._turn(job.id):
             if not self.current(term):
-                return []
+                return [], None
             now = datetime.now(UTC)
             missed, due = [], []
             grace = job.misfire_grace_time
@@ -289,7 +310,7 @@ class FireRunner:
                     missed.append((t, f"{late:.3f}s late, over misfire_grace_time={grace}s"))
                 else:
                     due.append(t)
-            events = await self._record_missed(term, job.id, missed, skipped)
+            events = await self._record_missed(term, job.id, missed, skipped, final_rev)
             for t in due:
                 if pending is not None:
                     # Catching up without coalescing: the fires run one after the other,
@@ -298,15 +319,13 @@ class FireRunner:
                     pending = None
                 if not self.current(term):
                     break
-                code = await self._claim(term, job.id, t, None, grace)
+                code = await self._claim(term, job.id, t, None, grace, final_rev)
                 if code == CLAIMED:
                     pending = t
                 elif code == EXPIRED:
                     why = f"could not be claimed within misfire_grace_time={grace}s (Redis errors)"
-                    events += await self._record_missed(term, job.id, [(t, why)], None)
-        if pending is not None:
-            events.append(await self._start(job, pending, term))
-        return [e for e in events if e is not None]
+                    events += await self._record_missed(term, job.id, [(t, why)], None, final_rev)
+        return events, pending
 
     async def _missed_in_turn(
         self, job_id: str, run_times: list[datetime], why: str, skipped: Skipped | None
@@ -324,6 +343,7 @@ class FireRunner:
         job_id: str,
         missed: list[tuple[datetime, str]],
         skipped: Skipped | None,
+        final_rev: str | None = None,
     ) -> list[Any]:
         """Claim the latest ``MAX_MISSED_RECORDS`` of ``skipped`` and ``missed`` as missed
         (each claim writes its history record); the rest are counted in the log."""
@@ -356,7 +376,7 @@ class FireRunner:
                 fencing_token=term.token,
                 error=why,
             )
-            if await self._claim(term, job_id, t, record) == CLAIMED:
+            if await self._claim(term, job_id, t, record, None, final_rev) == CLAIMED:
                 logger.warning("%s: job %r fire at %s missed: %s", self.instance_id, job_id, t, why)
                 self._count("missed")
                 events.append(JobExecutionEvent(EVENT_JOB_MISSED, job_id, "default", t))
@@ -369,6 +389,7 @@ class FireRunner:
         t: datetime,
         missed: RunRecord | None,
         grace: float | None = None,
+        final_rev: str | None = None,
     ) -> int:
         """Claim ``t`` of ``job_id`` (as ``missed`` if a record is given) in one Redis slot.
 
@@ -381,7 +402,7 @@ class FireRunner:
                 async with self._slots:
                     self.claiming += 1
                     try:
-                        return await self._claim_once(term, job_id, t, missed)
+                        return await self._claim_once(term, job_id, t, missed, final_rev)
                     finally:
                         self.claiming -= 1
             except REDIS_UNREACHABLE as exc:
@@ -419,7 +440,12 @@ class FireRunner:
             delay = min(RETRY_MAX_S, delay * 2)
 
     async def _claim_once(
-        self, term: Term, job_id: str, t: datetime, missed: RunRecord | None
+        self,
+        term: Term,
+        job_id: str,
+        t: datetime,
+        missed: RunRecord | None,
+        final_rev: str | None,
     ) -> int:
         keys = [
             self._lease_key,
@@ -436,7 +462,8 @@ class FireRunner:
             "missed" if missed else "run",
             missed.to_json() if missed else "",
             self._history.cap,
-            "1" if self.is_final(job_id) else "0",
+            "0" if final_rev is None else "1",
+            final_rev or "",
         ]
         replicas = self._elector.settings.min_replicas
         if replicas:

@@ -26,10 +26,11 @@ Limits, said plainly:
   fires of jobs not loaded yet wait until they are (then follow the misfire
   and coalesce rules). Pending date jobs are not loaded at all.
 - Data written before the due-dates index existed is indexed by the first
-  leader that finds definitions missing from it (one pass over every
-  definition, each indexed only if unchanged since read). A paused date job
-  stored before the index that is resumed before any leader indexes it stays
-  unindexed and does not fire: pause and resume it again.
+  leader of this version (one pass over every definition, each indexed only
+  if unchanged since read; then the index's version key is set). A definition
+  written later by a process of an older version (a rolling update) is indexed
+  when its notice arrives; one whose notice was missed waits for a leader that
+  runs the pass again (delete the version key to ask for one).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from coordinator.clock import datetime_to_ms, ms_to_datetime
 from coordinator.election.elector import Term
 from coordinator.errors import REDIS_UNREACHABLE, CoordinatorError
 from coordinator.scheduler.context import wants_ctx
-from coordinator.scheduler.due import DueDates, missing_task, runnable
+from coordinator.scheduler.due import DueDates, missing_task, parse_job, runnable
 from coordinator.scheduler.runtime import RuntimeJob
 from coordinator.scheduler.triggers import build_trigger, is_final
 from coordinator.store.codec import text
@@ -64,6 +65,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("coordinator.scheduler")
 
+INDEX_VERSION = "1"
+"""Value of the index's version key once a namespace's definitions are indexed."""
 SLICE = 500
 """Jobs applied between two yields to the event loop."""
 
@@ -180,10 +183,9 @@ class RuntimeFollower:
         now = datetime.now(UTC)
         wanted: dict[str, RuntimeJob] = {}
         for i, raw in enumerate(raws):
-            if raw is not None:
-                job = RuntimeJob.from_json(raw)
-                if job.due_ms is None:
-                    wanted[job.id] = job
+            job = parse_job(raw) if raw is not None else None
+            if job is not None and job.due_ms is None:
+                wanted[job.id] = job
             if i % (SLICE * 4) == 0:
                 await asyncio.sleep(0)
         for job_id in list(self.applied):
@@ -208,41 +210,56 @@ class RuntimeFollower:
             await self._run_request(term, text(request_id))
 
     async def _index_unindexed(self) -> None:
-        """Index definitions stored before the due-dates index (see module doc): only
-        when the index and the paused set together hold fewer ids than the definitions."""
+        """Index every definition stored before the due-dates index (see module doc),
+        once per namespace: the pass ends by setting the index's version key."""
         keys = self._keys
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.hlen(keys.runtime_jobs())
-            pipe.zcard(keys.due_dates())
-            pipe.scard(keys.recurring_jobs())
-            pipe.scard(keys.paused_jobs())
-            total, due, recurring, paused = await pipe.execute()
-        if total <= due + recurring + paused:
+        if await self._redis.exists(keys.jobs_index()):
             return
+        count = 0
+        async for raw_id, raw in self._redis.hscan_iter(keys.runtime_jobs(), count=1000):
+            count += await self._index_one(text(raw_id), raw) is not None
+        await self._redis.set(keys.jobs_index(), INDEX_VERSION)
+        self.indexed += count
+        logger.info(
+            "%s: indexed %d runtime jobs stored before the due-dates index",
+            self._scheduler.instance_id,
+            count,
+        )
+
+    async def _index_one(self, job_id: str, raw: bytes) -> RuntimeJob | None:
+        """Index one definition written without ``due_ms`` (before the index, or by a
+        process of an older version during a rolling update); returns it as now stored,
+        or ``None`` when it needs no indexing (or changed meanwhile: its change did)."""
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            return None
+        if not isinstance(data, dict) or "due_ms" in data:
+            return None
+        job = parse_job(raw)
+        if job is None:
+            return None
+        due_ms = None
+        if is_final(job.trigger):
+            with contextlib.suppress(CoordinatorError):
+                due_ms = datetime_to_ms(build_trigger(job.trigger).run_date)
+            if due_ms is None:
+                return None  # a trigger this version rejects: listed, never fired
+        new = dataclasses.replace(job, due_ms=due_ms)
+        keys = self._keys
         index_keys = [
             keys.runtime_jobs(),
             keys.paused_jobs(),
             keys.due_dates(),
             keys.recurring_jobs(),
         ]
-        async for raw_id, raw in self._redis.hscan_iter(keys.runtime_jobs(), count=1000):
-            if b'"due_ms"' in raw:
-                continue
-            job = RuntimeJob.from_json(raw)
-            due_ms = None
-            if is_final(job.trigger):
-                with contextlib.suppress(CoordinatorError):
-                    due_ms = datetime_to_ms(build_trigger(job.trigger).run_date)
-                if due_ms is None:
-                    continue  # a trigger this version rejects: listed, never fired
-            new = dataclasses.replace(job, due_ms=due_ms).to_json()
-            args = [text(raw_id), raw, new, "" if due_ms is None else str(due_ms)]
-            self.indexed += int(await JOBS_INDEX(self._redis, index_keys, args))
-        logger.info(
-            "%s: indexed %d runtime jobs stored before the due-dates index",
-            self._scheduler.instance_id,
-            self.indexed,
-        )
+        args: list[str | bytes] = [
+            job_id,
+            raw,
+            new.to_json(),
+            "" if due_ms is None else str(due_ms),
+        ]
+        return new if await JOBS_INDEX(self._redis, index_keys, args) else None
 
     async def _apply_notices(self, term: Term, notices: list[str]) -> None:
         ids: list[str] = []
@@ -266,7 +283,9 @@ class RuntimeFollower:
                     self.paused.add(job_id)
                 else:
                     self.paused.discard(job_id)
-                job = RuntimeJob.from_json(raw) if raw is not None else None
+                job = parse_job(raw) if raw is not None else None
+                if raw is not None and (indexed := await self._index_one(job_id, raw)):
+                    job = indexed  # written by an older version: indexed now
                 self.due.update(job_id, job, bool(is_paused))
                 if job is not None and job.due_ms is None:
                     self._apply(job, bool(is_paused), last_ms, now)

@@ -470,7 +470,7 @@ class RuntimeJobs:
             "args": job.args,
             "kwargs": job.kwargs,
             "next_fire_at": nxt.astimezone(UTC).isoformat() if nxt else None,
-            "last_fire_at": ms_to_iso(last_ms),
+            "last_fire_at": ms_to_iso(last_ms) if job.due_ms is None else None,
             "misfire_grace_time": job.misfire_grace_time or self.default_grace,
             "coalesce": job.coalesce,
             "paused": paused,

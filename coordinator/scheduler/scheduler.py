@@ -176,7 +176,6 @@ class LeaderScheduler:
         ``run_job_now``, ``get_job``, ``list_jobs``, awaitable from any process."""
         self.runtime.list_all = self.list_jobs
         self._follower = RuntimeFollower(self)
-        self._runner.is_final = self._follower.due.is_final
         self.apscheduler = AsyncIOScheduler(
             timezone=timezone,
             jobstores={"default": self._jobstore},

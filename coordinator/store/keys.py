@@ -100,6 +100,11 @@ class Keys:
         holds all of these, and none of the date jobs beyond the next seconds."""
         return f"{self.prefix}jobs-recurring"
 
+    def jobs_index(self) -> str:
+        """String: set once every definition of the namespace is indexed in
+        :meth:`due_dates` and :meth:`recurring_jobs` (data from before the index)."""
+        return f"{self.prefix}jobs-index"
+
     def run_requests(self) -> str:
         """Hash: "run now" request id -> request (JSON); taking one is its claim."""
         return f"{self.prefix}run-requests"
