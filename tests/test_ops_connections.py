@@ -34,7 +34,7 @@ ACL_COMMANDS = (
     "+incr +hget +hset +xadd +xrange +xinfo|stream "
     "+hlen +zcard +zrange +zrem +rename +incrby +script|load "
     "+hdel +hexists +hkeys +hmget +sadd +srem +sismember +smembers +smismember "
-    "+zscore +hscan"
+    "+zscore +hscan +unsubscribe +pubsub|numsub"
 )
 """Every command the library sends, directly or from its Lua scripts (README: ACL)."""
 
@@ -54,6 +54,7 @@ def check_flow(seen: dict[str, Any]) -> None:
     assert [c["channel"] for c in seen["status"]["channels"]] == ["ops"]
     assert {i["instance_id"] for i in seen["status"]["instances"]} >= {seen["first"]}
     assert any(r["job_id"] == "tick" and r["status"] == "ok" for r in seen["runs"])
+    assert seen["relay_reconnects"] == 0
 
 
 async def test_tls_only_server(tmp_path: Path, namespace: str) -> None:

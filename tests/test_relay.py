@@ -22,7 +22,7 @@ from coordinator import (
     Subscription,
     create_redis,
 )
-from coordinator.relay.events import parse_event_id, validate_event
+from coordinator.relay.events import parse_event_id
 from coordinator.store.keys import Keys
 from coordinator.store.scripts import PUBLISH
 from coordinator.testing import async_wait_until, free_port
@@ -286,23 +286,12 @@ async def kill_listeners_and_publish(
 ) -> str:
     """CLIENT KILL TYPE pubsub and a publish in one transaction: the event is published
     while no listener is subscribed, so only a backfill from the stream can deliver it."""
-    encoded = validate_event(channel, data, "message", conf.relay_max_event_bytes)
-    keys = Keys(conf.namespace)
     client = create_redis(url)
+    keys, args = EventRelay(conf, client).publish_call(channel, data)
     try:
         async with client.pipeline(transaction=True) as pipe:
             pipe.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
-            pipe.eval(
-                PUBLISH.source,
-                1,
-                keys.stream(channel),
-                keys.events(),
-                channel,
-                "message",
-                encoded.data_json,
-                conf.relay_history,
-                conf.relay_stream_ttl_s,
-            )
+            pipe.eval(PUBLISH.source, len(keys), *keys, *args)
             killed, event_id = await pipe.execute()
         assert killed >= 1
         return str(event_id.decode())

@@ -5,14 +5,21 @@ How an event travels:
 1. :meth:`EventRelay.publish` validates it and runs one Lua script: ``XADD``
    to the channel's stream (``MAXLEN ~ relay_history``; the key expires
    ``relay_stream_ttl_s`` after the last publish) and ``PUBLISH`` of an
-   envelope carrying the new stream id on the namespace's events channel.
-2. Every process holds exactly one Pub/Sub connection (the *listener*),
-   subscribed to that one channel. For each message it builds the SSE bytes
-   once and hands the same object to every local :class:`Subscription` of
-   the event's channel.
-3. A subscriber that passes ``last_event_id`` is registered first (live
-   frames are held aside), then reads the stream after that id, then goes
-   live; duplicates are dropped by id. No gap, no duplicate.
+   envelope carrying the new stream id on the channel's own Pub/Sub channel
+   (``Keys.channel_events``).
+2. Every process holds exactly one Pub/Sub connection (the *listener*). It is
+   subscribed to a relay channel's Pub/Sub channel while the process has at
+   least one local subscriber of it, and unsubscribes when the last one leaves;
+   so Redis sends an event only to the processes that have someone to give it
+   to, and ``PUBSUB NUMSUB`` shows who listens. For each message the listener
+   builds the SSE bytes once and hands the same object to every local
+   :class:`Subscription` of the event's channel.
+3. A new subscriber is registered first (live frames are held aside); when
+   its channel is new to the process, the listener subscribes and the
+   subscriber waits for Redis to confirm it. Only then does it read the stream
+   (its tip, or the events after ``last_event_id``) and go live; duplicates are
+   dropped by id. So an event is either in that read or arrives live: no gap,
+   no duplicate, whatever the races between subscribers joining and leaving.
 
 Guarantees:
 
@@ -31,10 +38,15 @@ Guarantees:
 
 Limits:
 
-- Every process receives every channel's events of its namespace (one
-  Pub/Sub channel per namespace); events of channels with no local
-  subscriber are dropped after reading the envelope header. Use separate
-  namespaces for unrelated high-volume traffic.
+- The first subscriber of a channel new to the process waits one round trip
+  to Redis (the SUBSCRIBE) before its replay read; later ones do not. Changes
+  made in one pass of the event loop go out as one SUBSCRIBE and one
+  UNSUBSCRIBE, and a channel left and rejoined within it costs nothing.
+- Rolling updates from a version that published every event on one
+  namespace channel (``Keys.events``): the listener also hears that channel,
+  and :meth:`EventRelay.publish` publishes there too while a listener of the
+  older version is subscribed (counted in the publish script), so events
+  cross between versions both ways; duplicates are dropped by id.
 - History is what the stream retains: about ``relay_history`` events per
   channel, and nothing of what a Redis restart without persistence lost.
   Events published while the stream key did not exist and then lost cannot be
@@ -78,6 +90,7 @@ from coordinator.tasks import cancel_and_wait
 logger = logging.getLogger("coordinator.relay")
 
 _YIELD_EVERY = 16  # messages handled before giving consumers a turn on the loop
+_SYNC_BATCH = 1000  # channels per SUBSCRIBE / UNSUBSCRIBE command
 
 
 class EventRelay:
@@ -109,6 +122,14 @@ class EventRelay:
         self._subs: dict[str, set[Subscription]] = {}
         self._watchers: dict[bytes, ChannelWatcher] = {}
         self._snapshots: dict[str, asyncio.Future[ReplayResult]] = {}
+        # Per-channel subscriptions of the current listener connection (see _sync):
+        self._sent: set[str] = set()  # channels whose last command sent is SUBSCRIBE
+        self._awaiting: dict[str, int] = {}  # SUBSCRIBE confirmations still due
+        self._waiters: dict[str, asyncio.Future[None]] = {}  # first subscribers waiting
+        self._dirty: set[str] = set()  # channels gained or lost since the last sync
+        self._changed = asyncio.Event()
+        self._tips: dict[str, EventId] = {}  # last event routed, by channel with subs
+        self._topic_prefix = self.keys.channel_events("").encode("utf-8")
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
         self._epoch = 0
@@ -131,16 +152,7 @@ class EventRelay:
             EventTooLargeError: over ``relay_max_event_bytes``.
             RedisUnavailableError: Redis could not be reached; nothing was published.
         """
-        encoded = validate_event(channel, data, event, self.settings.relay_max_event_bytes)
-        keys = [self.keys.stream(channel)]
-        args: list[str | int] = [
-            self.keys.events(),
-            channel,
-            event,
-            encoded.data_json,
-            self.settings.relay_history,
-            self.settings.relay_stream_ttl_s,
-        ]
+        keys, args = self.publish_call(channel, data, event)
         replicas = self.settings.min_replicas
         try:
             if replicas:
@@ -161,6 +173,25 @@ class EventRelay:
         self.stats.events_published += 1
         return text(raw)
 
+    def publish_call(
+        self, channel: str, data: Any, event: str = "message"
+    ) -> tuple[list[str], list[str | int]]:
+        """The keys and arguments of the publish script for this event (validated as by
+        :meth:`publish`), for callers that must run it inside their own transaction."""
+        encoded = validate_event(channel, data, event, self.settings.relay_max_event_bytes)
+        keys = [self.keys.stream(channel)]
+        args: list[str | int] = [
+            self.keys.events(),
+            channel,
+            event,
+            encoded.data_json,
+            self.settings.relay_history,
+            self.settings.relay_stream_ttl_s,
+            self.keys.channel_events(channel),
+            self.keys.relay_listeners(),
+        ]
+        return keys, args
+
     # -- subscribing --------------------------------------------------------------
     async def subscribe(
         self, channel: str, last_event_id: str | EventId | None = None
@@ -175,8 +206,8 @@ class EventRelay:
         Raises:
             InvalidEventError: ``channel`` breaks the channel name rule.
             InvalidEventIdError: ``last_event_id`` is not ``"<ms>-<seq>"``.
-            RedisUnavailableError: the listener is not subscribed within
-                ``relay_subscribe_timeout_s``, or the replay read failed.
+            RedisUnavailableError: the listener is not subscribed to the channel
+                within ``relay_subscribe_timeout_s``, or the replay read failed.
         """
         check_channel(channel)
         after = parse_event_id(last_event_id) if isinstance(last_event_id, str) else last_event_id
@@ -186,14 +217,23 @@ class EventRelay:
             channel, self.settings.relay_client_queue, stats=self.stats, on_discard=self._discard
         )
         sub.last_id = after
-        self._subs.setdefault(channel, set()).add(sub)
+        subs = self._subs.get(channel)
+        if subs is None:
+            subs = self._subs[channel] = set()
+            self._want(channel)
+        subs.add(sub)
+        # Events routed to this channel's other subscribers before this one existed are
+        # behind its start, even when it shares a snapshot read begun before them.
+        floor = self._tips.get(channel)
         try:
             while True:
+                await self._heard(channel, timeout)
                 epoch = self._epoch
                 await self._replay(sub, snapshot=sub.last_id is None)
+                if floor is not None and after is None:
+                    sub.last_id = max(floor, sub.last_id or floor)
                 if self._epoch == epoch and self._ready.is_set():
-                    break
-                await self.wait_ready(timeout)  # the listener dropped meanwhile: read again
+                    break  # the listener did not drop meanwhile (else: read again)
             sub.go_live()
         except BaseException:
             sub.close("closed")
@@ -248,6 +288,71 @@ class EventRelay:
             subs.discard(sub)
             if not subs:
                 del self._subs[sub.channel]
+                self._tips.pop(sub.channel, None)
+                self._wake(sub.channel)  # a waiter left is of a closed subscription
+                self._want(sub.channel)
+
+    # -- per-channel subscriptions ---------------------------------------------------
+    def _want(self, channel: str) -> None:
+        """The channel gained its first local subscriber or lost its last: sync soon."""
+        self._dirty.add(channel)
+        self._changed.set()
+
+    async def _heard(self, channel: str, timeout: float) -> None:
+        """Wait until the listener's subscription to ``channel`` is confirmed by Redis."""
+        if self._ready.is_set() and channel in self._sent and channel not in self._awaiting:
+            return
+        waiter = self._waiters.get(channel)
+        if waiter is None:
+            waiter = self._waiters[channel] = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), timeout)
+        except TimeoutError:
+            raise RedisUnavailableError(
+                f"event relay could not subscribe to channel {channel!r} ({self._state}); "
+                "retry shortly"
+            ) from None
+
+    def _confirmed(self, channel: str) -> None:
+        """Redis confirmed one SUBSCRIBE of ``channel`` on the current connection."""
+        due = self._awaiting.get(channel, 0) - 1
+        if due > 0:
+            self._awaiting[channel] = due
+            return
+        self._awaiting.pop(channel, None)
+        if channel in self._sent:
+            self._wake(channel)
+
+    def _wake(self, channel: str) -> None:
+        waiter = self._waiters.pop(channel, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _sync(self, pubsub: PubSub) -> None:
+        """Keep the connection subscribed to exactly the channels with local subscribers.
+
+        Runs beside the reader, on the same connection (commands go out, replies come
+        back to the reader in order). A channel's waiters wake at the confirmation of
+        the last SUBSCRIBE sent for it, so a SUBSCRIBE, UNSUBSCRIBE, SUBSCRIBE race
+        cannot wake them early.
+        """
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            dirty, self._dirty = self._dirty, set()
+            add = [c for c in dirty if c in self._subs and c not in self._sent]
+            drop = [c for c in dirty if c not in self._subs and c in self._sent]
+            for i in range(0, len(add), _SYNC_BATCH):
+                batch = add[i : i + _SYNC_BATCH]
+                self._sent.update(batch)
+                for channel in batch:
+                    self._awaiting[channel] = self._awaiting.get(channel, 0) + 1
+                await pubsub.subscribe(*map(self.keys.channel_events, batch))
+            for i in range(0, len(drop), _SYNC_BATCH):
+                batch = [c for c in drop[i : i + _SYNC_BATCH] if c not in self._subs]
+                self._sent.difference_update(batch)
+                if batch:
+                    await pubsub.unsubscribe(*map(self.keys.channel_events, batch))
 
     def watch(self, channel: str, watcher: ChannelWatcher) -> None:
         """Also listen to the Pub/Sub ``channel`` (a full Redis channel name) on this
@@ -260,7 +365,11 @@ class EventRelay:
         if self._task is not None:
             raise RuntimeError("EventRelay.watch() must be called before start()")
         name = channel.encode("utf-8")
-        if name in self._watchers or channel == self.keys.events():
+        if (
+            name in self._watchers
+            or channel in (self.keys.events(), self.keys.relay_listeners())
+            or name.startswith(self._topic_prefix)
+        ):
             raise RuntimeError(f"channel {channel!r} is already watched")
         self._watchers[name] = watcher
 
@@ -319,6 +428,11 @@ class EventRelay:
         for subs in list(self._subs.values()):
             for sub in list(subs):
                 sub.close("shutdown")
+        for waiter in self._waiters.values():
+            if not waiter.done():
+                waiter.set_exception(RedisUnavailableError("event relay stopped"))
+                waiter.exception()  # retrieved: a waiter may have given up already
+        self._waiters.clear()
         await cancel_and_wait(self._task)
         self._task = None
         if self._listen_redis is not None:
@@ -358,12 +472,20 @@ class EventRelay:
                 sub.suspend()  # hold live frames until the backfill below has run
         pubsub = self._listen_redis.pubsub()
         backfill: asyncio.Task[None] | None = None
+        sync: asyncio.Task[None] | None = None
         loop = asyncio.get_running_loop()
         keepalive = self.settings.relay_keepalive_s
         lost = "relay stopped"
         try:
-            await pubsub.subscribe(self.keys.events(), *self._watchers)
-            await self._confirm(pubsub, timeout=max(5.0, keepalive), count=1 + len(self._watchers))
+            wanted = list(self._subs)
+            self._dirty.clear()
+            fixed: list[str | bytes] = [self.keys.events(), self.keys.relay_listeners()]
+            fixed += self._watchers
+            names = [*fixed, *map(self.keys.channel_events, wanted)]
+            for i in range(0, len(names), _SYNC_BATCH):
+                await pubsub.subscribe(*names[i : i + _SYNC_BATCH])
+            self._sent = set(wanted)
+            await self._confirm(pubsub, timeout=max(5.0, keepalive), count=len(names))
             self._epoch += 1
             self._notify_watchers("subscribed")
             if reconnecting:
@@ -376,6 +498,11 @@ class EventRelay:
             backfill = asyncio.create_task(self._backfill())
             self._state = "subscribed"
             self._ready.set()
+            for channel in list(self._waiters):
+                if channel in self._sent:
+                    self._wake(channel)
+            self._changed.set()  # channels gained or lost while connecting
+            sync = asyncio.create_task(self._sync(pubsub), name="coordinator-relay-sync")
             last_rx = last_ping = loop.time()
             handled = 0
             while True:
@@ -383,14 +510,19 @@ class EventRelay:
                 now = loop.time()
                 if message is not None:
                     last_rx = now
-                    if message.get("type") == "message":
+                    kind = message.get("type")
+                    if kind == "message":
                         self._route(message)
                         handled += 1
                         if handled % _YIELD_EVERY == 0:
                             await asyncio.sleep(0)
+                    elif kind == "subscribe" and message["channel"].startswith(self._topic_prefix):
+                        self._confirmed(message["channel"][len(self._topic_prefix) :].decode())
                 if backfill is not None and backfill.done():
                     backfill.result()  # a failed backfill: reconnect and try again
                     backfill = None
+                if sync.done():
+                    sync.result()  # a command failed: the connection is gone
                 if now - last_rx > 2 * keepalive:
                     raise ConnectionError(f"no reply from Redis for {now - last_rx:.1f}s")
                 if now - last_ping >= keepalive:
@@ -401,7 +533,9 @@ class EventRelay:
             raise
         finally:
             self._ready.clear()
+            self._sent, self._awaiting = set(), {}
             self._notify_watchers("lost", lost)
+            await cancel_and_wait(sync, name="relay-sync")
             await cancel_and_wait(backfill, name="relay-backfill")
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(pubsub.aclose(), 2)  # type: ignore[no-untyped-call]
@@ -471,7 +605,8 @@ class EventRelay:
         channel_end = message.find(b"\n", 2)
         if channel_end < 0:
             return
-        subs = self._subs.get(message[2:channel_end].decode("utf-8", "replace"))
+        channel = message[2:channel_end].decode("utf-8", "replace")
+        subs = self._subs.get(channel)
         if not subs:
             return
         try:
@@ -479,6 +614,7 @@ class EventRelay:
         except InvalidEventError:
             logger.warning("relay dropped a malformed envelope: %r", message[:80])
             return
+        self._tips[channel] = envelope.id
         frame = sse_frame(envelope.raw_id, envelope.event, envelope.data)
         self.stats.delivery_lags.append(time.time() - envelope.id.ms / 1000)
         for sub in list(subs):

@@ -119,9 +119,21 @@ class Keys:
         """Stream: the retained events of one channel."""
         return f"{self.prefix}stream:{channel}"
 
+    def channel_events(self, channel: str) -> str:
+        """Pub/Sub channel carrying one relay channel's events (subscribed to only by
+        processes with a local subscriber of it)."""
+        return f"{self.prefix}events:{channel}"
+
     def events(self) -> str:
-        """Pub/Sub channel carrying every channel's events of this namespace."""
+        """Pub/Sub channel on which versions before per-channel subscriptions published
+        (and heard) every channel's events. Kept for rolling updates: current relays
+        listen to it, and publish on it only while an older listener is subscribed."""
         return f"{self.prefix}events"
+
+    def relay_listeners(self) -> str:
+        """Pub/Sub channel no one publishes on: every current relay listener subscribes
+        to it, so ``NUMSUB events() - NUMSUB relay_listeners()`` counts older listeners."""
+        return f"{self.prefix}relay-listeners"
 
     def streams_pattern(self) -> str:
         """``SCAN MATCH`` pattern of every channel's stream (for status tools)."""

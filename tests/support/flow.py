@@ -16,6 +16,7 @@ from typing import Any
 
 from coordinator import Coordinator, CoordinatorSettings, JobContext
 from coordinator.ops.status import cluster_status
+from coordinator.store.keys import Keys
 from coordinator.testing import async_wait_until
 
 FAST = {
@@ -99,6 +100,14 @@ async def exercise(url: str, namespace: str) -> dict[str, Any]:
             deadline = time.monotonic() + 10
             while live_id.encode() not in received and time.monotonic() < deadline:
                 received += await asyncio.wait_for(anext(aiter(sub)), 10)
+        # The last local client left: the relay unsubscribes (without losing its
+        # connection), so Redis no longer sends the channel's events to this process.
+        topic = Keys(namespace).channel_events("ops")
+
+        async def unsubscribed() -> bool:
+            return int((await other.redis.pubsub_numsub(topic))[0][1]) == 0
+
+        await async_wait_until(unsubscribed, 10, message="the relay never unsubscribed")
         status = await cluster_status(other.redis, other.settings)
         runs = await other.scheduler.list_runs(10)
         # Graceful handoff: the leader releases, the other takes over at once.
@@ -112,4 +121,5 @@ async def exercise(url: str, namespace: str) -> dict[str, Any]:
             "received": received,
             "status": status,
             "runs": runs,
+            "relay_reconnects": other.relay.stats.reconnects + first.relay.stats.reconnects,
         }
