@@ -335,3 +335,22 @@ async def test_redis_restart_live_delivery_resumes(redis_server: Any, namespace:
         await async_wait_until(lambda: relay.ready, 15)
         assert reader.data() == ["before", "after"]
         assert relay.stats.reconnects >= 1
+
+
+async def test_a_publish_burst_beyond_the_pool_waits_instead_of_failing(
+    redis_url: str, namespace: str
+) -> None:
+    """500 concurrent publishes from one process, five times the pool's connections:
+    every one succeeds (redis-py 8's own pool refuses the 101st: "Too many
+    connections"), and the client holds at most its pool's connections."""
+    relay = EventRelay(settings(redis_url, namespace))
+    client = create_redis(redis_url)
+    try:
+        before = (await client.info("clients"))["connected_clients"]
+        ids = await asyncio.gather(*(relay.publish("burst", n) for n in range(500)))
+        assert len(set(ids)) == 500
+        assert (await client.info("clients"))["connected_clients"] - before <= 100
+        assert relay.redis.connection_pool.max_connections == 100
+    finally:
+        await relay.stop()
+        await client.aclose()

@@ -14,7 +14,9 @@ import contextlib
 import random
 from typing import Any
 
-from coordinator import create_redis
+import pytest
+
+from coordinator import EventRelay, RedisUnavailableError, create_redis
 from coordinator.relay.events import EventId, parse_event_id
 from coordinator.store.keys import Keys
 from coordinator.testing import async_wait_until
@@ -215,3 +217,58 @@ async def test_older_version_listener_and_publisher_interoperate(
     finally:
         await old_listener.aclose()  # type: ignore[no-untyped-call]
         await client.aclose()
+
+
+async def test_a_subscribe_waiting_for_redis_ends_at_once_when_the_relay_stops(
+    redis_server: Any, namespace: str
+) -> None:
+    """Redis paused (CLIENT PAUSE, on the test's own server): a first subscriber of a
+    channel waits for its SUBSCRIBE to be confirmed. Stopping the relay ends that wait
+    at once with RedisUnavailableError, not after relay_subscribe_timeout_s, so a
+    server shutting down is not held up."""
+    conf = settings(redis_server.url, namespace, relay_subscribe_timeout_s=20)
+    relay = EventRelay(conf)
+    await relay.start()
+    client = create_redis(redis_server.url)
+    try:
+        await relay.wait_ready(10)
+        await client.execute_command("CLIENT", "PAUSE", 4000, "ALL")
+        pending = asyncio.create_task(relay.subscribe("paused"))
+        await async_wait_until(lambda: "paused" in relay._waiters, 5)
+        loop = asyncio.get_running_loop()
+        stopping = asyncio.create_task(relay.stop())
+        started = loop.time()
+        with pytest.raises(RedisUnavailableError, match=r"stopped|not running"):
+            await asyncio.wait_for(pending, 3)
+        assert loop.time() - started < 1.0
+        await stopping
+        assert not relay._waiters
+    finally:
+        await client.execute_command("CLIENT", "UNPAUSE")
+        await client.aclose()
+        await relay.stop()
+
+
+async def test_an_acl_without_pubsub_numsub_fails_publish_clearly_and_writes_nothing(
+    redis_url: str, namespace: str
+) -> None:
+    """The upgrade mistake the README warns of: the user lacks ``+pubsub|numsub``.
+    Publish raises RedisUnavailableError naming the ACL (HTTP 503, not 500), and the
+    stream holds nothing, so a retry cannot duplicate the event."""
+    from .test_ops_connections import acl_line
+
+    admin = create_redis(redis_url)
+    user = f"u-{namespace}"
+    line = acl_line(user, "pw", namespace).replace(" +pubsub|numsub", "")
+    await admin.execute_command("ACL", "SETUSER", *line.split())
+    host_port = redis_url.split("://", 1)[1]
+    conf = settings(f"redis://{user}:pw@{host_port}", namespace)
+    relay = EventRelay(conf)
+    try:
+        with pytest.raises(RedisUnavailableError, match="ACL"):
+            await relay.publish("denied", 1)
+        assert await admin.xlen(Keys(namespace).stream("denied")) == 0
+    finally:
+        await relay.stop()
+        await admin.execute_command("ACL", "DELUSER", user)
+        await admin.aclose()

@@ -65,6 +65,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import FullJitterBackoff, NoBackoff
+from redis.exceptions import NoPermissionError
 
 from coordinator.errors import REDIS_UNREACHABLE, InvalidEventError, RedisUnavailableError
 from coordinator.relay.events import (
@@ -121,7 +122,7 @@ class EventRelay:
         self._listen_redis: Redis | None = None
         self._subs: dict[str, set[Subscription]] = {}
         self._watchers: dict[bytes, ChannelWatcher] = {}
-        self._snapshots: dict[str, asyncio.Future[ReplayResult]] = {}
+        self._snapshots: dict[tuple[str, int], asyncio.Future[ReplayResult]] = {}
         # Per-channel subscriptions of the current listener connection (see _sync):
         self._sent: set[str] = set()  # channels whose last command sent is SUBSCRIBE
         self._awaiting: dict[str, int] = {}  # SUBSCRIBE confirmations still due
@@ -129,6 +130,8 @@ class EventRelay:
         self._dirty: set[str] = set()  # channels gained or lost since the last sync
         self._changed = asyncio.Event()
         self._tips: dict[str, EventId] = {}  # last event routed, by channel with subs
+        self._generation: dict[str, int] = {}  # which SUBSCRIBE of a channel is current
+        self._subscribes = 0  # SUBSCRIBEs sent by this relay, for _generation
         self._topic_prefix = self.keys.channel_events("").encode("utf-8")
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
@@ -162,7 +165,11 @@ class EventRelay:
             else:
                 raw, confirmed = await PUBLISH(self._redis, keys, args), 0
         except REDIS_UNREACHABLE as exc:
-            raise RedisUnavailableError(f"could not publish to {channel!r}: {exc}") from exc
+            # A script's ACL denial is a plain ResponseError naming no ACL; nothing was
+            # written (the script checks first), so say what to change.
+            denied = isinstance(exc, NoPermissionError) or "can't run this command" in str(exc)
+            hint = "; the Redis user needs the README's ACL line" if denied else ""
+            raise RedisUnavailableError(f"could not publish to {channel!r}: {exc}{hint}") from exc
         if confirmed < replicas:
             # Live subscribers of this primary may have it; a failover may lose it. The
             # caller retries (at least once), rather than trust an ack a failover can undo.
@@ -226,7 +233,7 @@ class EventRelay:
         # behind its start, even when it shares a snapshot read begun before them.
         floor = self._tips.get(channel)
         try:
-            while True:
+            while sub.closed is None:  # closed meanwhile (shutdown, overflow): return it
                 await self._heard(channel, timeout)
                 epoch = self._epoch
                 await self._replay(sub, snapshot=sub.last_id is None)
@@ -261,12 +268,16 @@ class EventRelay:
 
     async def _snapshot(self, channel: str) -> ReplayResult:
         """The channel's tip; concurrent new subscribers of a channel share one read
-        (a connection storm costs one Redis command per channel, not one per client)."""
-        pending = self._snapshots.get(channel)
+        (a connection storm costs one Redis command per channel, not one per client).
+
+        Only reads begun under the channel's current SUBSCRIBE are shared: one begun
+        before an UNSUBSCRIBE could miss events published while it was unsubscribed."""
+        key = (channel, self._generation.get(channel, 0))
+        pending = self._snapshots.get(key)
         if pending is None:
             pending = asyncio.ensure_future(self._read(channel, None, 0))
-            self._snapshots[channel] = pending
-            pending.add_done_callback(lambda _: self._snapshots.pop(channel, None))
+            self._snapshots[key] = pending
+            pending.add_done_callback(lambda _: self._snapshots.pop(key, None))
         return await asyncio.shield(pending)
 
     @property
@@ -302,6 +313,8 @@ class EventRelay:
         """Wait until the listener's subscription to ``channel`` is confirmed by Redis."""
         if self._ready.is_set() and channel in self._sent and channel not in self._awaiting:
             return
+        if self._stopping or self._task is None:
+            raise RedisUnavailableError(f"event relay is not running ({self._state})")
         waiter = self._waiters.get(channel)
         if waiter is None:
             waiter = self._waiters[channel] = asyncio.get_running_loop().create_future()
@@ -347,10 +360,14 @@ class EventRelay:
                 self._sent.update(batch)
                 for channel in batch:
                     self._awaiting[channel] = self._awaiting.get(channel, 0) + 1
+                    self._subscribes += 1
+                    self._generation[channel] = self._subscribes
                 await pubsub.subscribe(*map(self.keys.channel_events, batch))
             for i in range(0, len(drop), _SYNC_BATCH):
                 batch = [c for c in drop[i : i + _SYNC_BATCH] if c not in self._subs]
                 self._sent.difference_update(batch)
+                for channel in batch:
+                    self._generation.pop(channel, None)
                 if batch:
                     await pubsub.unsubscribe(*map(self.keys.channel_events, batch))
 
@@ -425,14 +442,14 @@ class EventRelay:
         """End every subscription (streams finish), stop the listener, close connections."""
         self._stopping = True
         self._ready.clear()
-        for subs in list(self._subs.values()):
-            for sub in list(subs):
-                sub.close("shutdown")
         for waiter in self._waiters.values():
             if not waiter.done():
                 waiter.set_exception(RedisUnavailableError("event relay stopped"))
                 waiter.exception()  # retrieved: a waiter may have given up already
         self._waiters.clear()
+        for subs in list(self._subs.values()):
+            for sub in list(subs):
+                sub.close("shutdown")
         await cancel_and_wait(self._task)
         self._task = None
         if self._listen_redis is not None:
@@ -485,6 +502,9 @@ class EventRelay:
             for i in range(0, len(names), _SYNC_BATCH):
                 await pubsub.subscribe(*names[i : i + _SYNC_BATCH])
             self._sent = set(wanted)
+            for channel in wanted:
+                self._subscribes += 1
+                self._generation[channel] = self._subscribes
             await self._confirm(pubsub, timeout=max(5.0, keepalive), count=len(names))
             self._epoch += 1
             self._notify_watchers("subscribed")
@@ -533,7 +553,7 @@ class EventRelay:
             raise
         finally:
             self._ready.clear()
-            self._sent, self._awaiting = set(), {}
+            self._sent, self._awaiting, self._generation = set(), {}, {}
             self._notify_watchers("lost", lost)
             await cancel_and_wait(sync, name="relay-sync")
             await cancel_and_wait(backfill, name="relay-backfill")
@@ -614,6 +634,9 @@ class EventRelay:
         except InvalidEventError:
             logger.warning("relay dropped a malformed envelope: %r", message[:80])
             return
+        tip = self._tips.get(channel)
+        if tip is not None and envelope.id <= tip:
+            return  # the namespace channel's copy during a rolling update: already routed
         self._tips[channel] = envelope.id
         frame = sse_frame(envelope.raw_id, envelope.event, envelope.data)
         self.stats.delivery_lags.append(time.time() - envelope.id.ms / 1000)

@@ -15,6 +15,15 @@ Supported URLs:
   parameters; ``sentinel_password`` authenticates to the Sentinels.
 
 The client returned owns its connection pool; close it with ``await client.aclose()``.
+
+Connection pool: a command that finds every connection of the pool busy waits for one
+(up to ``POOL_TIMEOUT_S``) instead of failing. redis-py 8's default pool refuses the
+101st concurrent command at once ("Too many connections"), so a worker publishing
+under a burst of requests would answer 503s while Redis is idle. At most
+``MAX_CONNECTIONS`` per client (redis-py's default); ``?max_connections=N`` and
+``?timeout=S`` in the URL change them. Sentinel URLs keep redis-py's Sentinel pool,
+which cannot wait: it is given no cap instead (as redis-py before 8 did), so a burst
+opens more connections rather than failing.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import (
     Sentinel,
@@ -41,6 +50,10 @@ _TLS_OPTIONS = (
     "ssl_check_hostname",
 )
 _SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel")
+MAX_CONNECTIONS = 100
+"""Connections per client (pool) at most, unless the URL says ``?max_connections=``."""
+POOL_TIMEOUT_S = 20.0
+"""How long a command waits for a free pooled connection before ``ConnectionError``."""
 
 
 def default_retry() -> Retry:
@@ -137,9 +150,12 @@ def create_redis(url: str, **overrides: Any) -> Redis:
         del options["socket_keepalive"]  # TCP only: redis-py's unix connection rejects it
     options.update(overrides)
     if parts.scheme.endswith("+sentinel"):
+        options.setdefault("max_connections", 2**31)
         return _sentinel_client(url, options)
+    options.setdefault("max_connections", MAX_CONNECTIONS)
+    options.setdefault("timeout", POOL_TIMEOUT_S)
     try:
-        return Redis.from_url(url, **options)
+        return Redis.from_pool(BlockingConnectionPool.from_url(url, **options))
     except ValueError as exc:
         raise ConfigurationError(f"Redis URL {redact_url(url)!r} is invalid: {exc}") from None
 
