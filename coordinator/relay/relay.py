@@ -357,11 +357,9 @@ class EventRelay:
             drop = [c for c in dirty if c not in self._subs and c in self._sent]
             for i in range(0, len(add), _SYNC_BATCH):
                 batch = add[i : i + _SYNC_BATCH]
-                self._sent.update(batch)
+                self._subscribing(batch)
                 for channel in batch:
                     self._awaiting[channel] = self._awaiting.get(channel, 0) + 1
-                    self._subscribes += 1
-                    self._generation[channel] = self._subscribes
                 await pubsub.subscribe(*map(self.keys.channel_events, batch))
             for i in range(0, len(drop), _SYNC_BATCH):
                 batch = [c for c in drop[i : i + _SYNC_BATCH] if c not in self._subs]
@@ -370,6 +368,14 @@ class EventRelay:
                     self._generation.pop(channel, None)
                 if batch:
                     await pubsub.unsubscribe(*map(self.keys.channel_events, batch))
+
+    def _subscribing(self, channels: list[str]) -> None:
+        """A SUBSCRIBE of ``channels`` is about to go out: each starts a new generation
+        (snapshot reads are shared only within one)."""
+        self._sent.update(channels)
+        for channel in channels:
+            self._subscribes += 1
+            self._generation[channel] = self._subscribes
 
     def watch(self, channel: str, watcher: ChannelWatcher) -> None:
         """Also listen to the Pub/Sub ``channel`` (a full Redis channel name) on this
@@ -501,10 +507,7 @@ class EventRelay:
             names = [*fixed, *map(self.keys.channel_events, wanted)]
             for i in range(0, len(names), _SYNC_BATCH):
                 await pubsub.subscribe(*names[i : i + _SYNC_BATCH])
-            self._sent = set(wanted)
-            for channel in wanted:
-                self._subscribes += 1
-                self._generation[channel] = self._subscribes
+            self._subscribing(wanted)
             await self._confirm(pubsub, timeout=max(5.0, keepalive), count=len(names))
             self._epoch += 1
             self._notify_watchers("subscribed")
