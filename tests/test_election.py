@@ -15,6 +15,7 @@ import pytest
 from redis.asyncio import Redis
 
 from coordinator import CoordinatorSettings, LeaderElector, create_redis
+from coordinator.election.lease import parse_lease
 from coordinator.testing import async_wait_until, owned_redis
 
 from .support.timing import FAST
@@ -90,6 +91,18 @@ async def test_single_elector_leads_and_reports(redis_client: Redis, make: Make)
     await async_wait_until(lambda: _renewed_after(elector, first), timeout=5)
     await asyncio.sleep(0)
     assert elector.is_leader and await elector.check()
+
+
+def test_renewal_estimate_never_precedes_acquisition() -> None:
+    """PTTL is whole milliseconds: right after acquiring, the estimate from it can
+    land 1 ms before ``acquired_at`` (a CI run saw 06:27:25.370 < .371)."""
+    value = json.dumps(
+        {"instance_id": "a", "fencing_token": 7, "acquired_at": 1_000, "ttl_ms": 1500}
+    )
+    info = parse_lease(value, pttl_ms=1498, now_ms=1_000)
+    assert info.renewed_at == info.acquired_at and info.ttl_ms == 1498
+    later = parse_lease(value, pttl_ms=1500, now_ms=2_000)
+    assert (later.renewed_at - info.acquired_at).total_seconds() == 1.0
 
 
 async def _renewed_after(elector: LeaderElector, when: object) -> bool:

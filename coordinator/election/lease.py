@@ -60,13 +60,17 @@ def parse_lease(value: bytes | str, pttl_ms: int, now_ms: int) -> LeaderInfo:
     """Build a :class:`LeaderInfo` from a lease value and its remaining TTL."""
     data = json.loads(value)
     ttl_total = int(data.get("ttl_ms", 0))
+    acquired_ms = int(data["acquired_at"])
+    # The renewal time is estimated from the remaining TTL, which Redis rounds
+    # to whole milliseconds: never report it as earlier than the acquisition.
+    renewed_ms = max(acquired_ms, now_ms - max(0, ttl_total - pttl_ms))
     return LeaderInfo(
         instance_id=str(data["instance_id"]),
         hostname=str(data.get("hostname", "")),
         pid=int(data.get("pid", 0)),
         fencing_token=int(data["fencing_token"]),
-        acquired_at=ms_to_datetime(int(data["acquired_at"])),
-        renewed_at=ms_to_datetime(now_ms - max(0, ttl_total - pttl_ms)),
+        acquired_at=ms_to_datetime(acquired_ms),
+        renewed_at=ms_to_datetime(renewed_ms),
         ttl_ms=max(0, pttl_ms),
         client_id=int(data.get("client_id", 0)),
     )
