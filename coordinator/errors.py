@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 
 class CoordinatorError(Exception):
@@ -159,9 +159,11 @@ class JobLimitError(CoordinatorError, RuntimeError):
         )
 
 
-REDIS_UNREACHABLE: tuple[type[BaseException], ...] = (RedisError, OSError)
+REDIS_UNREACHABLE: tuple[type[BaseException], ...] = (RedisError, OSError, RedisClusterException)
 """What a Redis call raises when the server cannot be reached or answer: redis-py's
-errors and socket errors (``OSError`` covers ``ConnectionError`` and ``TimeoutError``).
+errors and socket errors (``OSError`` covers ``ConnectionError`` and ``TimeoutError``),
+and redis-py's cluster errors (no node reachable, a slot not served), which do not
+derive from ``RedisError``.
 The one tuple every retry loop and health check catches. Public methods that
 document :class:`RedisUnavailableError` translate it; the rest let redis-py's
 errors pass through unchanged."""

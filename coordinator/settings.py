@@ -169,7 +169,10 @@ class CoordinatorSettings(BaseSettings):
     redis_url: str = Field(
         default="redis://127.0.0.1:6379/0",
         validation_alias=AliasChoices(*_REDIS_URL_NAMES, "redis_url"),
-        description="redis://, rediss:// (TLS), unix:// or redis+sentinel:// URL.",
+        description=(
+            "redis://, rediss:// (TLS), unix:// or redis+sentinel:// URL; redis+cluster:// "
+            'for the event relay alone (see "Redis connections").'
+        ),
     )
     namespace: str = Field(default="coordinator", description="Prefix of every Redis key.")
     instance_id: str = Field(

@@ -5,11 +5,15 @@ owned by one test, killable; ``redis_client``)."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 
 import pytest
 from redis.asyncio import Redis
 
+from coordinator.store.connection import cluster_unsupported_reason
 from coordinator.testing import DockerRedisServer, RedisServer
+from coordinator.testing.servers import binary_only_reason
+from coordinator.testing.topologies import RedisClusterServers, SentinelCluster
 
 pytest_plugins = ["coordinator.testing.plugin"]
 
@@ -49,3 +53,34 @@ def redis_server(
 @pytest.fixture
 def redis_client(coordinator_redis_client: Redis) -> Redis:
     return coordinator_redis_client
+
+
+@pytest.fixture(scope="session")
+def sentinel_url() -> Iterator[str]:
+    """A primary, a replica and three Sentinels shared by the session (never failed over:
+    tests that fail one over start their own)."""
+    reason = binary_only_reason("a Sentinel topology")
+    if reason:
+        pytest.skip(reason)
+    with SentinelCluster() as sentinels:
+        yield sentinels.url
+
+
+@pytest.fixture(scope="session")
+def cluster_url() -> Iterator[str]:
+    """A Redis Cluster (3 primaries, 3 replicas) shared by the session (never failed
+    over: tests that kill or move anything start their own)."""
+    reason = binary_only_reason("a Redis Cluster") or cluster_unsupported_reason()
+    if reason:
+        pytest.skip(reason)
+    with RedisClusterServers() as cluster:
+        yield cluster.url
+
+
+@pytest.fixture(params=["single", "sentinel", "cluster"])
+def topology_url(request: pytest.FixtureRequest) -> str:
+    """The contract suite's Redis, once per topology: one node, Sentinel, Cluster
+    (as APScheduler 4 runs one contract suite per data store)."""
+    name = {"single": "redis_url", "sentinel": "sentinel_url", "cluster": "cluster_url"}
+    url: str = request.getfixturevalue(name[request.param])
+    return url

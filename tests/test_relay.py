@@ -1,5 +1,7 @@
 """EventRelay in one process against real Redis servers: publish, replay, reset,
-overflow, and recovery of the listener (CLIENT KILL, Redis restart)."""
+overflow, and recovery of the listener (CLIENT KILL, Redis restart).
+
+The contract tests (``topology_url``) run on one node, on Sentinel and on Redis Cluster."""
 
 from __future__ import annotations
 
@@ -23,7 +25,6 @@ from coordinator import (
     create_redis,
 )
 from coordinator.relay.events import parse_event_id
-from coordinator.store.keys import Keys
 from coordinator.store.scripts import PUBLISH
 from coordinator.testing import async_wait_until, free_port
 
@@ -39,7 +40,7 @@ async def running(conf: CoordinatorSettings) -> AsyncIterator[EventRelay]:
     relay = EventRelay(conf)
     await relay.start()
     try:
-        await relay.wait_ready(10)
+        await relay.wait_ready(30)  # a deadline: a cluster's six nodes on two busy cores
         yield relay
     finally:
         await relay.stop()
@@ -76,9 +77,9 @@ class Reader:
 
 
 async def test_publish_returns_stream_id_and_appends_to_stream(
-    redis_url: str, namespace: str
+    topology_url: str, namespace: str
 ) -> None:
-    conf = settings(redis_url, namespace)
+    conf = settings(topology_url, namespace)
     async with running(conf) as relay, await relay.subscribe("news") as sub:
         reader = Reader(sub)
         first = await relay.publish("news", {"n": 1})
@@ -87,17 +88,14 @@ async def test_publish_returns_stream_id_and_appends_to_stream(
         await reader.wait_count(1)
         await async_wait_until(lambda: len(reader.events) == 2, 5)
         assert reader.events == [(first, "message", {"n": 1}), (second, "update", [1, "two"])]
-        client = create_redis(redis_url)
-        try:
-            entries = await client.xrange(Keys(namespace).stream("news"))
-            assert [e[0].decode() for e in entries] == [first, second]
-            assert 0 < await client.ttl(Keys(namespace).stream("news")) <= conf.relay_stream_ttl_s
-        finally:
-            await client.aclose()
+        stream = relay.keys.stream("news")
+        entries = await relay.redis.xrange(stream)
+        assert [e[0].decode() for e in entries] == [first, second]
+        assert 0 < await relay.redis.ttl(stream) <= conf.relay_stream_ttl_s
 
 
-async def test_publish_rejects_bad_input(redis_url: str, namespace: str) -> None:
-    relay = EventRelay(settings(redis_url, namespace, relay_max_event_bytes=100))
+async def test_publish_rejects_bad_input(topology_url: str, namespace: str) -> None:
+    relay = EventRelay(settings(topology_url, namespace, relay_max_event_bytes=100))
     try:
         with pytest.raises(InvalidEventError, match="channel"):
             await relay.publish("no spaces", 1)
@@ -112,9 +110,9 @@ async def test_publish_rejects_bad_input(redis_url: str, namespace: str) -> None
 
 
 async def test_replay_after_id_then_live_without_gap_or_duplicate(
-    redis_url: str, namespace: str
+    topology_url: str, namespace: str
 ) -> None:
-    async with running(settings(redis_url, namespace)) as relay:
+    async with running(settings(topology_url, namespace)) as relay:
         ids = [await relay.publish("ch", i) for i in range(10)]
         async with await relay.subscribe("ch", last_event_id=ids[3]) as sub:
             reader = Reader(sub)
@@ -125,10 +123,10 @@ async def test_replay_after_id_then_live_without_gap_or_duplicate(
 
 
 async def test_concurrent_subscribes_while_publishing_never_gap_or_duplicate(
-    redis_url: str, namespace: str
+    topology_url: str, namespace: str
 ) -> None:
     """Subscribers join mid-burst at random ids: the replay/live overlap is merged by id."""
-    async with running(settings(redis_url, namespace)) as relay:
+    async with running(settings(topology_url, namespace)) as relay:
         ids: list[str] = []
         total = 400
 
@@ -156,8 +154,8 @@ async def test_concurrent_subscribes_while_publishing_never_gap_or_duplicate(
         assert relay.subscribers == 0
 
 
-async def test_reset_when_history_was_trimmed(redis_url: str, namespace: str) -> None:
-    async with running(settings(redis_url, namespace, relay_history=10)) as relay:
+async def test_reset_when_history_was_trimmed(topology_url: str, namespace: str) -> None:
+    async with running(settings(topology_url, namespace, relay_history=10)) as relay:
         first = await relay.publish("small", 0)
         for i in range(1, 400):  # MAXLEN ~ trims whole stream nodes (100 entries)
             await relay.publish("small", i)
@@ -172,8 +170,8 @@ async def test_reset_when_history_was_trimmed(redis_url: str, namespace: str) ->
             assert relay.stats.resets_sent == 1
 
 
-async def test_reset_for_an_id_from_another_history(redis_url: str, namespace: str) -> None:
-    async with running(settings(redis_url, namespace)) as relay:
+async def test_reset_for_an_id_from_another_history(topology_url: str, namespace: str) -> None:
+    async with running(settings(topology_url, namespace)) as relay:
         await relay.publish("ch", "old")
         async with await relay.subscribe("ch", last_event_id="99999999999999-0") as sub:
             reader = Reader(sub)
@@ -185,9 +183,9 @@ async def test_reset_for_an_id_from_another_history(redis_url: str, namespace: s
 
 
 async def test_slow_subscriber_is_cut_at_the_limit_others_get_everything(
-    redis_url: str, namespace: str
+    topology_url: str, namespace: str
 ) -> None:
-    async with running(settings(redis_url, namespace, relay_client_queue=20)) as relay:
+    async with running(settings(topology_url, namespace, relay_client_queue=20)) as relay:
         slow = await relay.subscribe("ch")  # never read
         closed: list[str] = []
         slow.on_close(closed.append)
@@ -203,9 +201,9 @@ async def test_slow_subscriber_is_cut_at_the_limit_others_get_everything(
 
 
 async def test_a_synchronous_consumer_takes_frames_in_order_in_the_pass_that_queued_them(
-    redis_url: str, namespace: str
+    topology_url: str, namespace: str
 ) -> None:
-    async with running(settings(redis_url, namespace, relay_client_queue=50)) as relay:
+    async with running(settings(topology_url, namespace, relay_client_queue=50)) as relay:
         first = await relay.publish("ch", "before")
         sub = await relay.subscribe("ch", last_event_id=first)  # nothing to replay after it
         calls: list[int] = []
@@ -256,8 +254,8 @@ async def test_a_raising_on_close_callback_is_isolated(
         assert late == ["overflow"]
 
 
-async def test_stop_ends_subscriptions(redis_url: str, namespace: str) -> None:
-    relay = EventRelay(settings(redis_url, namespace))
+async def test_stop_ends_subscriptions(topology_url: str, namespace: str) -> None:
+    relay = EventRelay(settings(topology_url, namespace))
     await relay.start()
     await relay.wait_ready(10)
     reader = Reader(await relay.subscribe("ch"))

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from redis.asyncio import Redis
-
 from coordinator.errors import REDIS_UNREACHABLE, RedisUnavailableError
 from coordinator.relay.events import EventId, parse_event_id, sse_frame
+from coordinator.store.connection import RedisClient
 from coordinator.store.scripts import REPLAY
 
 
@@ -52,7 +51,7 @@ class ReplayResult:
 
 
 async def read_history(
-    redis: Redis, stream_key: str, channel: str, after: EventId | None, count: int
+    redis: RedisClient, stream_key: str, channel: str, after: EventId | None, count: int
 ) -> ReplayResult:
     """Up to ``count`` entries of ``stream_key`` after ``after`` (0 only reads the facts).
 

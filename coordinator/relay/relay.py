@@ -36,12 +36,24 @@ Guarantees:
   listener connection and its supervision (:meth:`EventRelay.watch`,
   :mod:`coordinator.relay.watchers`).
 
+Redis Cluster (``redis+cluster://``): a channel's stream and its shard channel
+share a slot of their own (:class:`~coordinator.store.keys.Keys` ``sharded``), the
+publish script ``SPUBLISH``es, and the listener holds one connection per shard
+primary, each ``SSUBSCRIBE``d to the watched channels of its slots. A shard's
+connection dropping, a failover, or Redis unsubscribing a shard channel because its
+slot moved, all count as a drop of the listener: every connection is made again from
+a fresh slot map, resubscribed and backfilled, as above. Needs Redis 7 or newer
+(Sharded Pub/Sub); an older server is a ``ConfigurationError``, and the listener
+stops with that message as its :attr:`EventRelay.status`.
+
 Limits:
 
 - The first subscriber of a channel new to the process waits one round trip
   to Redis (the SUBSCRIBE) before its replay read; later ones do not. Changes
   made in one pass of the event loop go out as one SUBSCRIBE and one
   UNSUBSCRIBE, and a channel left and rejoined within it costs nothing.
+- On Cluster, any shard's drop costs every channel a backfill read (one per channel
+  with local subscribers), not only the channels of that shard.
 - Rolling updates from a version that published every event on one
   namespace channel (``Keys.events``): the listener also hears that channel,
   and :meth:`EventRelay.publish` publishes there too while a listener of the
@@ -59,15 +71,22 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import FullJitterBackoff, NoBackoff
 from redis.exceptions import NoPermissionError
 
-from coordinator.errors import REDIS_UNREACHABLE, InvalidEventError, RedisUnavailableError
+from coordinator.errors import (
+    REDIS_UNREACHABLE,
+    ConfigurationError,
+    InvalidEventError,
+    RedisUnavailableError,
+)
 from coordinator.relay.events import (
     EventId,
     check_channel,
@@ -83,7 +102,13 @@ from coordinator.relay.subscription import Subscription
 from coordinator.relay.watchers import ChannelWatcher
 from coordinator.settings import CoordinatorSettings
 from coordinator.store.codec import text
-from coordinator.store.connection import create_redis
+from coordinator.store.connection import (
+    create_client,
+    create_node_client,
+    create_redis,
+    is_cluster_url,
+    redact_url,
+)
 from coordinator.store.keys import Keys
 from coordinator.store.scripts import PUBLISH
 from coordinator.tasks import cancel_and_wait
@@ -92,6 +117,60 @@ logger = logging.getLogger("coordinator.relay")
 
 _YIELD_EVERY = 16  # messages handled before giving consumers a turn on the loop
 _SYNC_BATCH = 1000  # channels per SUBSCRIBE / UNSUBSCRIBE command
+_SHARDED_PUBSUB_MAJOR = 7  # SSUBSCRIBE / SPUBLISH
+
+
+def sharded_pubsub_error(version: str, where: str) -> ConfigurationError | None:
+    """The error to raise when a cluster node runs a Redis without Sharded Pub/Sub."""
+    major = version.split(".", 1)[0]
+    if major.isdigit() and int(major) >= _SHARDED_PUBSUB_MAJOR:
+        return None
+    return ConfigurationError(
+        f"Redis at {where} is version {version}: the event relay on Redis Cluster needs "
+        "Redis 7 or newer (Sharded Pub/Sub, SSUBSCRIBE/SPUBLISH); upgrade the cluster, or "
+        "use a single Redis or Sentinel URL"
+    )
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+class _Link:
+    """One Pub/Sub connection of the listener: the only one on a single Redis or
+    Sentinel; one per shard primary on Redis Cluster, where relay channels are shard
+    channels (``SSUBSCRIBE`` takes the channels of one slot: each has its own)."""
+
+    __slots__ = ("client", "node", "pubsub", "sharded")
+
+    def __init__(self, pubsub: PubSub, node: str, client: Redis | None = None) -> None:
+        self.pubsub = pubsub
+        self.node = node
+        self.client = client  # owned (closed with the link): a shard's node client
+        self.sharded = client is not None
+
+    async def join(self, names: list[str]) -> None:
+        await self._send(self.pubsub.ssubscribe if self.sharded else self.pubsub.subscribe, names)
+
+    async def leave(self, names: list[str]) -> None:
+        await self._send(
+            self.pubsub.sunsubscribe if self.sharded else self.pubsub.unsubscribe, names
+        )
+
+    async def _send(self, command: Callable[..., Awaitable[Any]], names: list[str]) -> None:
+        if not self.sharded:
+            await command(*names)
+            return
+        for name in names:  # one slot per command
+            await command(name)
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.pubsub.aclose(), 2)  # type: ignore[no-untyped-call]
+        if self.client is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.client.aclose(), 2)
 
 
 class EventRelay:
@@ -99,12 +178,17 @@ class EventRelay:
 
     Args:
         settings: namespace, Redis URL and the ``relay_*`` limits.
-        redis: the client for publishing and replay reads. A client passed in
+        redis: the client for publishing and replay reads (a ``RedisCluster`` when
+            ``settings.redis_url`` is a cluster URL). A client passed in
             is not closed by the relay; when omitted, one is created from
             ``settings.redis_url`` and closed by :meth:`stop`. The Pub/Sub
-            listener always uses its own connection (from ``settings.redis_url``),
+            listener always uses its own connections (from ``settings.redis_url``),
             with redis-py's silent retries turned off so every drop is seen,
             counted and backfilled.
+
+    Raises:
+        ConfigurationError: ``redis`` is a cluster client and the URL not a cluster
+            URL, or the other way round.
 
     Lifecycle: ``await relay.start()`` launches the listener (it does not
     wait for Redis; see :meth:`wait_ready`); ``await relay.stop()`` ends every
@@ -114,12 +198,28 @@ class EventRelay:
     Counters, for metrics: :attr:`stats` (a :class:`RelayStats`).
     """
 
-    def __init__(self, settings: CoordinatorSettings, redis: Redis | None = None) -> None:
+    def __init__(
+        self, settings: CoordinatorSettings, redis: Redis | RedisCluster | None = None
+    ) -> None:
         self.settings = settings
-        self.keys = Keys(settings.namespace)
-        self._redis = redis if redis is not None else create_redis(settings.redis_url)
+        cluster = is_cluster_url(settings.redis_url)
+        if redis is not None and isinstance(redis, RedisCluster) != cluster:
+            raise ConfigurationError(
+                f"EventRelay was given a {type(redis).__name__} client but "
+                f"{redact_url(settings.redis_url)!r} is "
+                + ("a cluster URL" if cluster else "not a cluster URL")
+                + "; pass a client made by create_client(settings.redis_url)"
+            )
+        self.keys = Keys(settings.namespace, sharded=cluster)
+        self._redis = redis if redis is not None else create_client(settings.redis_url)
         self._owns_redis = redis is None
         self._listen_redis: Redis | None = None
+        self._links: dict[str, _Link] = {}  # the listener's connections, by node
+        self._link_of: dict[str, _Link] = {}  # where each channel of _sent was subscribed
+        self._leaving: dict[str, int] = {}  # our SUNSUBSCRIBEs not yet confirmed
+        self._node_clients: dict[str, Redis] = {}  # Cluster: publish + WAIT on a primary
+        self._version_checked = not cluster
+        self._version_lock = asyncio.Lock()  # concurrent first publishes check once
         self._subs: dict[str, set[Subscription]] = {}
         self._watchers: dict[bytes, ChannelWatcher] = {}
         self._snapshots: dict[tuple[str, int], asyncio.Future[ReplayResult]] = {}
@@ -132,7 +232,6 @@ class EventRelay:
         self._tips: dict[str, EventId] = {}  # last event routed, by channel with subs
         self._generation: dict[str, int] = {}  # which SUBSCRIBE of a channel is current
         self._subscribes = 0  # SUBSCRIBEs sent by this relay, for _generation
-        self._topic_prefix = self.keys.channel_events("").encode("utf-8")
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
         self._epoch = 0
@@ -142,7 +241,7 @@ class EventRelay:
         """What this relay counted since it was made (for metrics)."""
 
     @property
-    def redis(self) -> Redis:
+    def redis(self) -> Redis | RedisCluster:
         """The client this relay publishes and replays with (not its listener's)."""
         return self._redis
 
@@ -154,17 +253,26 @@ class EventRelay:
             InvalidEventError: bad channel or event name, data not JSON-serialisable.
             EventTooLargeError: over ``relay_max_event_bytes``.
             RedisUnavailableError: Redis could not be reached; nothing was published.
+            ConfigurationError: a Redis Cluster node is older than Redis 7.
         """
         keys, args = self.publish_call(channel, data, event)
         replicas = self.settings.min_replicas
         try:
+            if not self._version_checked:
+                await self._check_cluster_version()
             if replicas:
                 raw, confirmed = await PUBLISH.call_replicated(
-                    self._redis, keys, args, replicas, self.settings.replica_timeout_ms
+                    await self._primary_client(keys[0]),
+                    keys,
+                    args,
+                    replicas,
+                    self.settings.replica_timeout_ms,
                 )
             else:
                 raw, confirmed = await PUBLISH(self._redis, keys, args), 0
         except REDIS_UNREACHABLE as exc:
+            if isinstance(self._redis, RedisCluster) and replicas:
+                await self._forget_topology()
             # A script's ACL denial is a plain ResponseError naming no ACL; nothing was
             # written (the script checks first), so say what to change.
             denied = isinstance(exc, NoPermissionError) or "can't run this command" in str(exc)
@@ -196,8 +304,52 @@ class EventRelay:
             self.settings.relay_stream_ttl_s,
             self.keys.channel_events(channel),
             self.keys.relay_listeners(),
+            int(self.keys.sharded),
         ]
         return keys, args
+
+    async def _check_cluster_version(self) -> None:
+        """Before the first publish on Cluster: every primary runs Redis 7+ (else the
+        script would append the event and then fail on SPUBLISH)."""
+        assert isinstance(self._redis, RedisCluster)
+        async with self._version_lock:
+            if not self._version_checked:
+                await self._check_primaries(self._redis)
+
+    async def _check_primaries(self, cluster: RedisCluster) -> None:
+        replies = await cluster.info("server", target_nodes=RedisCluster.PRIMARIES)
+        for node, info in replies.items() if "redis_version" not in replies else [("", replies)]:
+            error = sharded_pubsub_error(str(info["redis_version"]), node or "the cluster")
+            if error is not None:
+                raise error
+        self._version_checked = True
+
+    async def _primary_client(self, key: str) -> Redis:
+        """The client ``WAIT`` can run on after the publish script: the relay's own
+        client, or on Cluster a plain client of the primary serving ``key``'s slot."""
+        if not isinstance(self._redis, RedisCluster):
+            return self._redis
+        node = self._primary_of(key)
+        client = self._node_clients.get(node.name)
+        if client is None:
+            client = create_node_client(self.settings.redis_url, node.host, int(node.port))
+            self._node_clients[node.name] = client
+        return client
+
+    def _primary_of(self, key: str) -> ClusterNode:
+        """The primary serving ``key``'s slot, as the cluster client knows it."""
+        assert isinstance(self._redis, RedisCluster)
+        node = self._redis.get_node_from_key(key)
+        if node is None:
+            raise ConnectionError(f"no Redis Cluster node serves the slot of {key!r}")
+        return node
+
+    async def _forget_topology(self) -> None:
+        """A publish on a primary's own client failed (the node died, MOVED after a
+        failover or slot move, ...): learn the slot map again for the caller's retry."""
+        assert isinstance(self._redis, RedisCluster)
+        with contextlib.suppress(*REDIS_UNREACHABLE):
+            await self._redis.nodes_manager.initialize()
 
     # -- subscribing --------------------------------------------------------------
     async def subscribe(
@@ -313,7 +465,7 @@ class EventRelay:
         """Wait until the listener's subscription to ``channel`` is confirmed by Redis."""
         if self._ready.is_set() and channel in self._sent and channel not in self._awaiting:
             return
-        if self._stopping or self._task is None:
+        if self._stopping or self._task is None or self._task.done():
             raise RedisUnavailableError(f"event relay is not running ({self._state})")
         waiter = self._waiters.get(channel)
         if waiter is None:
@@ -341,11 +493,11 @@ class EventRelay:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def _sync(self, pubsub: PubSub) -> None:
-        """Keep the connection subscribed to exactly the channels with local subscribers.
+    async def _sync(self) -> None:
+        """Keep the listener subscribed to exactly the channels with local subscribers.
 
-        Runs beside the reader, on the same connection (commands go out, replies come
-        back to the reader in order). A channel's waiters wake at the confirmation of
+        Runs beside the readers, on the same connections (commands go out, replies come
+        back to the readers in order). A channel's waiters wake at the confirmation of
         the last SUBSCRIBE sent for it, so a SUBSCRIBE, UNSUBSCRIBE, SUBSCRIBE race
         cannot wake them early.
         """
@@ -356,24 +508,52 @@ class EventRelay:
             add = [c for c in dirty if c in self._subs and c not in self._sent]
             drop = [c for c in dirty if c not in self._subs and c in self._sent]
             for i in range(0, len(add), _SYNC_BATCH):
-                batch = add[i : i + _SYNC_BATCH]
-                self._subscribing(batch)
-                for channel in batch:
-                    self._awaiting[channel] = self._awaiting.get(channel, 0) + 1
-                await pubsub.subscribe(*map(self.keys.channel_events, batch))
+                for link, batch in self._by_link(add[i : i + _SYNC_BATCH]).items():
+                    self._subscribing(batch, link)
+                    for channel in batch:
+                        self._awaiting[channel] = self._awaiting.get(channel, 0) + 1
+                    await link.join([self.keys.channel_events(c) for c in batch])
             for i in range(0, len(drop), _SYNC_BATCH):
-                batch = [c for c in drop[i : i + _SYNC_BATCH] if c not in self._subs]
-                self._sent.difference_update(batch)
-                for channel in batch:
+                gone: dict[_Link, list[str]] = {}
+                for channel in drop[i : i + _SYNC_BATCH]:
+                    if channel in self._subs:
+                        continue  # joined again meanwhile
+                    link = self._link_of.pop(channel)
+                    self._sent.discard(channel)
                     self._generation.pop(channel, None)
-                if batch:
-                    await pubsub.unsubscribe(*map(self.keys.channel_events, batch))
+                    if link.sharded:  # its confirmation is ours, not a slot move
+                        self._leaving[channel] = self._leaving.get(channel, 0) + 1
+                    gone.setdefault(link, []).append(channel)
+                for link, batch in gone.items():
+                    await link.leave([self.keys.channel_events(c) for c in batch])
 
-    def _subscribing(self, channels: list[str]) -> None:
-        """A SUBSCRIBE of ``channels`` is about to go out: each starts a new generation
-        (snapshot reads are shared only within one)."""
+    def _by_link(self, channels: list[str]) -> dict[_Link, list[str]]:
+        """``channels`` grouped by the connection serving their slot.
+
+        Raises:
+            ConnectionError: on Cluster, a slot is served by a node the listener has no
+                connection to (the map changed): the listener reconnects.
+        """
+        if not isinstance(self._redis, RedisCluster):
+            return {self._links[""]: channels} if channels else {}
+        groups: dict[_Link, list[str]] = {}
+        for channel in channels:
+            node = self._primary_of(self.keys.channel_events(channel))
+            link = self._links.get(node.name)
+            if link is None:
+                raise ConnectionError(
+                    f"the slot of channel {channel!r} is now served by {node.name}, "
+                    "which the listener has no connection to; reconnecting"
+                )
+            groups.setdefault(link, []).append(channel)
+        return groups
+
+    def _subscribing(self, channels: list[str], link: _Link) -> None:
+        """A SUBSCRIBE of ``channels`` is about to go out on ``link``: each starts a new
+        generation (snapshot reads are shared only within one)."""
         self._sent.update(channels)
         for channel in channels:
+            self._link_of[channel] = link
             self._subscribes += 1
             self._generation[channel] = self._subscribes
 
@@ -391,7 +571,7 @@ class EventRelay:
         if (
             name in self._watchers
             or channel in (self.keys.events(), self.keys.relay_listeners())
-            or name.startswith(self._topic_prefix)
+            or self.keys.events_channel_of(name) is not None
         ):
             raise RuntimeError(f"channel {channel!r} is already watched")
         self._watchers[name] = watcher
@@ -420,14 +600,19 @@ class EventRelay:
         """Wait until :attr:`ready`; raise ``RedisUnavailableError`` after ``timeout`` s."""
         if self._ready.is_set():
             return
-        if self._task is None or self._stopping:
+        if self._task is None or self._task.done() or self._stopping:
             raise RedisUnavailableError(f"event relay is not running ({self._state})")
-        try:
-            await asyncio.wait_for(self._ready.wait(), timeout)
-        except TimeoutError:
+        ready = asyncio.ensure_future(self._ready.wait())
+        try:  # the listener failing for good ends the wait too
+            await asyncio.wait(
+                {ready, self._task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            ready.cancel()
+        if not self._ready.is_set():
             raise RedisUnavailableError(
                 f"event relay is not subscribed to Redis ({self._state}); retry shortly"
-            ) from None
+            )
 
     # -- lifecycle ------------------------------------------------------------------
     async def start(self) -> None:
@@ -436,36 +621,48 @@ class EventRelay:
             return
         self._stopping = False
         self._state = "connecting"
-        self._listen_redis = create_redis(
-            self.settings.redis_url,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
-            client_name=f"coordinator-relay:{self.settings.instance_id}"[:120].replace(" ", "_"),
-        )
+        if not self.keys.sharded:
+            self._listen_redis = create_redis(self.settings.redis_url, **self._listener_options())
         self._task = asyncio.create_task(self._supervise(), name="coordinator-relay-listener")
 
     async def stop(self) -> None:
         """End every subscription (streams finish), stop the listener, close connections."""
         self._stopping = True
         self._ready.clear()
-        for waiter in self._waiters.values():
-            if not waiter.done():
-                waiter.set_exception(RedisUnavailableError("event relay stopped"))
-                waiter.exception()  # retrieved: a waiter may have given up already
-        self._waiters.clear()
+        self._fail_waiters(RedisUnavailableError("event relay stopped"))
         for subs in list(self._subs.values()):
             for sub in list(subs):
                 sub.close("shutdown")
         await cancel_and_wait(self._task)
         self._task = None
+        links, self._links = self._links, {}
+        for link in links.values():  # left when a repeated cancel cut the listener's cleanup
+            await link.close()
         if self._listen_redis is not None:
             await self._listen_redis.aclose()
             self._listen_redis = None
+        for client in self._node_clients.values():
+            with contextlib.suppress(Exception):
+                await client.aclose()
+        self._node_clients.clear()
         if self._owns_redis:
             await self._redis.aclose()
         self._state = "stopped"
 
+    def _fail_waiters(self, error: RedisUnavailableError) -> None:
+        for waiter in self._waiters.values():
+            if not waiter.done():
+                waiter.set_exception(error)
+                waiter.exception()  # retrieved: a waiter may have given up already
+        self._waiters.clear()
+
     # -- the listener ---------------------------------------------------------------
+    def _listener_options(self) -> dict[str, Any]:
+        """The listener's connections: no silent retries (every drop is seen, counted
+        and backfilled), no health checks of redis-py's own, named for CLIENT LIST."""
+        name = f"coordinator-relay:{self.settings.instance_id}"[:120].replace(" ", "_")
+        return {"retry": Retry(NoBackoff(), 0), "health_check_interval": 0, "client_name": name}
+
     async def _supervise(self) -> None:
         failures = 0
         backoff = FullJitterBackoff(cap=self.settings.backoff_max_ms / 1000, base=0.05)
@@ -475,6 +672,14 @@ class EventRelay:
                 await self._listen(reconnecting=epoch > 0)
             except asyncio.CancelledError:
                 raise
+            except ConfigurationError as exc:  # retrying cannot help: say so and stop
+                self._state = f"failed: {exc}"
+                logger.error("relay listener of %s stopped: %s", self.settings.instance_id, exc)
+                self._fail_waiters(RedisUnavailableError(f"event relay failed: {exc}"))
+                for subs in list(self._subs.values()):
+                    for sub in list(subs):
+                        sub.close("shutdown")  # streams end: clients reconnect elsewhere
+                return
             except Exception as exc:
                 self._state = f"down: {type(exc).__name__}: {exc}"
                 failures = 1 if self._epoch != epoch else failures + 1  # was it up meanwhile?
@@ -488,27 +693,63 @@ class EventRelay:
                 )
                 await asyncio.sleep(delay)
 
+    async def _connect(self) -> dict[str, _Link]:
+        """The listener's connections: one on a single Redis or Sentinel; on Cluster, one
+        per primary of a freshly read slot map, each checked to run Redis 7+."""
+        if not isinstance(self._redis, RedisCluster):
+            assert self._listen_redis is not None
+            return {"": _Link(self._listen_redis.pubsub(), "")}
+        await self._redis.nodes_manager.initialize()
+        links: dict[str, _Link] = {}
+        try:
+            for node in self._redis.get_primaries():
+                client = create_node_client(
+                    self.settings.redis_url, node.host, int(node.port), **self._listener_options()
+                )
+                links[node.name] = _Link(client.pubsub(), node.name, client)
+                info = await client.info("server")
+                error = sharded_pubsub_error(str(info["redis_version"]), node.name)
+                if error is not None:
+                    raise error
+        except BaseException:
+            for link in links.values():
+                await link.close()
+            raise
+        return links
+
     async def _listen(self, reconnecting: bool) -> None:
-        assert self._listen_redis is not None
         for subs in self._subs.values():
             for sub in subs:
                 sub.suspend()  # hold live frames until the backfill below has run
-        pubsub = self._listen_redis.pubsub()
+        self._links = await self._connect()
         backfill: asyncio.Task[None] | None = None
-        sync: asyncio.Task[None] | None = None
-        loop = asyncio.get_running_loop()
+        tasks: set[asyncio.Task[None]] = set()
         keepalive = self.settings.relay_keepalive_s
         lost = "relay stopped"
         try:
             wanted = list(self._subs)
             self._dirty.clear()
-            fixed: list[str | bytes] = [self.keys.events(), self.keys.relay_listeners()]
-            fixed += self._watchers
-            names = [*fixed, *map(self.keys.channel_events, wanted)]
-            for i in range(0, len(names), _SYNC_BATCH):
-                await pubsub.subscribe(*names[i : i + _SYNC_BATCH])
-            self._subscribing(wanted)
-            await self._confirm(pubsub, timeout=max(5.0, keepalive), count=len(names))
+            expected: dict[_Link, int] = {}  # subscribe confirmations due, per link
+            for index, link in enumerate(self._links.values()):
+                # Every connection holds the marker, so it is never idle of channels;
+                # the first also carries the watchers' channels and, on a single Redis,
+                # the namespace channel of older versions.
+                fixed: list[str | bytes] = [self.keys.relay_listeners()]
+                if not link.sharded:
+                    fixed.append(self.keys.events())
+                if index == 0:
+                    fixed += self._watchers
+                await link.pubsub.subscribe(*fixed)
+                expected[link] = len(fixed)
+            groups = self._by_link(wanted)
+            for link, channels in groups.items():
+                self._subscribing(channels, link)
+                for i in range(0, len(channels), _SYNC_BATCH):
+                    batch = channels[i : i + _SYNC_BATCH]
+                    await link.join([self.keys.channel_events(c) for c in batch])
+            for link, fixed_count in expected.items():
+                count = fixed_count + len(groups.get(link, ()))
+                await self._confirm(link, max(5.0, keepalive), count)
             self._epoch += 1
             self._notify_watchers("subscribed")
             if reconnecting:
@@ -525,56 +766,97 @@ class EventRelay:
                 if channel in self._sent:
                     self._wake(channel)
             self._changed.set()  # channels gained or lost while connecting
-            sync = asyncio.create_task(self._sync(pubsub), name="coordinator-relay-sync")
-            last_rx = last_ping = loop.time()
-            handled = 0
+            tasks.add(asyncio.create_task(self._sync(), name="coordinator-relay-sync"))
+            for link in self._links.values():
+                tasks.add(asyncio.create_task(self._receive(link), name="coordinator-relay-reader"))
+            for task in tasks:  # retrieved even if stop() interrupts the cleanup below
+                task.add_done_callback(_retrieve)
             while True:
-                message = await pubsub.get_message(timeout=min(1.0, keepalive))
-                now = loop.time()
-                if message is not None:
-                    last_rx = now
-                    kind = message.get("type")
-                    if kind == "message":
-                        self._route(message)
-                        handled += 1
-                        if handled % _YIELD_EVERY == 0:
-                            await asyncio.sleep(0)
-                    elif kind == "subscribe" and message["channel"].startswith(self._topic_prefix):
-                        self._confirmed(message["channel"][len(self._topic_prefix) :].decode())
-                if backfill is not None and backfill.done():
-                    backfill.result()  # a failed backfill: reconnect and try again
+                waiting = tasks if backfill is None else {*tasks, backfill}
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    task.result()  # a failed backfill, sync or reader: reconnect
+                    if task is not backfill:
+                        raise ConnectionError(f"relay task {task.get_name()} ended")
                     backfill = None
-                if sync.done():
-                    sync.result()  # a command failed: the connection is gone
-                if now - last_rx > 2 * keepalive:
-                    raise ConnectionError(f"no reply from Redis for {now - last_rx:.1f}s")
-                if now - last_ping >= keepalive:
-                    last_ping = now
-                    await pubsub.ping()
         except Exception as exc:
             lost = f"{type(exc).__name__}: {exc}"
             raise
         finally:
+            for task in tasks:
+                task.cancel()  # first: a reader must not see the state cleared below
             self._ready.clear()
             self._sent, self._awaiting, self._generation = set(), {}, {}
+            self._link_of, self._leaving = {}, {}
             self._notify_watchers("lost", lost)
-            await cancel_and_wait(sync, name="relay-sync")
+            for task in tasks:
+                await cancel_and_wait(task, name=task.get_name())
             await cancel_and_wait(backfill, name="relay-backfill")
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(pubsub.aclose(), 2)  # type: ignore[no-untyped-call]
+            links, self._links = self._links, {}
+            for link in links.values():
+                await link.close()
 
-    async def _confirm(self, pubsub: PubSub, timeout: float, count: int) -> None:
-        """Wait for ``count`` subscribe confirmations (one per channel)."""
+    async def _receive(self, link: _Link) -> None:
+        """Read one connection of the listener: route events, count confirmations,
+        PING it every ``relay_keepalive_s``; raise when it drops or goes quiet."""
+        loop = asyncio.get_running_loop()
+        keepalive = self.settings.relay_keepalive_s
+        last_rx = last_ping = loop.time()
+        handled = 0
+        while True:
+            message = await link.pubsub.get_message(timeout=min(1.0, keepalive))
+            now = loop.time()
+            if message is not None:
+                last_rx = now
+                kind = message.get("type")
+                if kind == "message" or kind == "smessage":
+                    self._route(message)
+                    handled += 1
+                    if handled % _YIELD_EVERY == 0:
+                        await asyncio.sleep(0)
+                elif kind == "subscribe" or kind == "ssubscribe":
+                    channel = self.keys.events_channel_of(message["channel"])
+                    if channel is not None:
+                        self._confirmed(channel)
+                elif kind == "sunsubscribe":
+                    self._unsubscribed(message["channel"])
+            if now - last_rx > 2 * keepalive:
+                raise ConnectionError(f"no reply from Redis for {now - last_rx:.1f}s")
+            if now - last_ping >= keepalive:
+                last_ping = now
+                await link.pubsub.ping()
+
+    def _unsubscribed(self, name: bytes) -> None:
+        """A shard channel's SUNSUBSCRIBE reply: ours, or Redis' own when the channel's
+        slot moved to another node (then the listener must reconnect, or go deaf)."""
+        channel = self.keys.events_channel_of(name)
+        if channel is None:
+            return
+        due = self._leaving.get(channel, 0)
+        if due > 1:
+            self._leaving[channel] = due - 1
+        elif due == 1:
+            del self._leaving[channel]
+        else:
+            raise ConnectionError(
+                f"Redis unsubscribed channel {channel!r} (its slot moved); reconnecting"
+            )
+
+    async def _confirm(self, link: _Link, timeout: float, count: int) -> None:
+        """Wait for ``count`` subscribe confirmations on ``link`` (one per channel)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while loop.time() < deadline:
-            message = await pubsub.get_message(timeout=max(0.01, deadline - loop.time()))
-            if message is not None and message.get("type") == "subscribe":
+            message = await link.pubsub.get_message(timeout=max(0.01, deadline - loop.time()))
+            kind = message.get("type") if message is not None else None
+            if message is not None and (kind == "subscribe" or kind == "ssubscribe"):
                 count -= 1
                 if count <= 0:
                     return
-            if message is not None and message.get("type") == "message":
+            if message is not None and (kind == "message" or kind == "smessage"):
                 self._route(message)
+            if message is not None and kind == "sunsubscribe":
+                self._unsubscribed(message["channel"])  # a slot moved meanwhile: again
         raise ConnectionError(f"SUBSCRIBE not confirmed within {timeout}s")
 
     def _route(self, message: dict[str, Any]) -> None:

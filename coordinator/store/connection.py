@@ -13,6 +13,12 @@ Supported URLs:
   follows failovers (redis-py's ``SentinelConnectionPool``). ``rediss+sentinel://``
   speaks TLS to the Sentinels and the servers, with the same ``ssl_*`` query
   parameters; ``sentinel_password`` authenticates to the Sentinels.
+- ``redis+cluster://[[user]:password@]host1:port1[,host2:port2...]`` (and
+  ``rediss+cluster://`` with the ``ssl_*`` parameters): a Redis Cluster; the hosts are
+  seeds, the client learns the rest and follows slot moves and failovers
+  (redis-py's ``RedisCluster``). Only :func:`create_client` builds it: in this
+  version the event relay runs on Cluster, the elector, scheduler and shared state
+  do not (:func:`create_redis` says so).
 
 The client returned owns its connection pool; close it with ``await client.aclose()``.
 
@@ -23,7 +29,8 @@ under a burst of requests would answer 503s while Redis is idle. At most
 ``MAX_CONNECTIONS`` per client (redis-py's default); ``?max_connections=N`` and
 ``?timeout=S`` in the URL change them. Sentinel URLs keep redis-py's Sentinel pool,
 which cannot wait: it is given no cap instead (as redis-py before 8 did), so a burst
-opens more connections rather than failing.
+opens more connections rather than failing. Cluster URLs likewise (redis-py's cluster
+client cannot wait for a node's connection either).
 """
 
 from __future__ import annotations
@@ -31,7 +38,9 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis import __version__ as redis_version
+from redis.asyncio import BlockingConnectionPool, Redis, SSLConnection
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import (
     Sentinel,
@@ -49,7 +58,19 @@ _TLS_OPTIONS = (
     "ssl_cert_reqs",
     "ssl_check_hostname",
 )
-_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel")
+_SCHEMES = (
+    "redis",
+    "rediss",
+    "unix",
+    "redis+sentinel",
+    "rediss+sentinel",
+    "redis+cluster",
+    "rediss+cluster",
+)
+RedisClient = Redis | RedisCluster
+"""What :func:`create_client` returns: a client of one Redis (or Sentinel's primary),
+or of a Redis Cluster."""
+_UNPOOLED = 2**31  # "no cap" for the pools that cannot wait (Sentinel, Cluster)
 MAX_CONNECTIONS = 100
 """Connections per client (pool) at most, unless the URL says ``?max_connections=``."""
 POOL_TIMEOUT_S = 20.0
@@ -100,6 +121,9 @@ def check_redis_url(url: str) -> str:
     if parts.scheme.endswith("+sentinel"):
         _sentinel_parts(url)
         return url
+    if parts.scheme.endswith("+cluster"):
+        _cluster_hosts(url)
+        return url
     if parts.scheme == "unix":
         if not parts.path:
             raise ConfigurationError(
@@ -129,6 +153,42 @@ def check_redis_url(url: str) -> str:
     return url
 
 
+def is_cluster_url(url: str) -> bool:
+    """Whether ``url`` names a Redis Cluster (``redis+cluster://``, ``rediss+cluster://``)."""
+    return urlsplit(url).scheme.endswith("+cluster")
+
+
+def create_client(url: str, **overrides: Any) -> RedisClient:
+    """Build the async client for ``url``: a ``RedisCluster`` for a cluster URL, else
+    what :func:`create_redis` builds.
+
+    Raises:
+        ConfigurationError: the URL is malformed or its scheme is unknown; or it is a
+            cluster URL and the installed redis-py is older than 8.0.
+    """
+    if is_cluster_url(check_redis_url(url)):
+        reason = cluster_unsupported_reason()
+        if reason:
+            raise ConfigurationError(f"Redis URL {redact_url(url)!r}: {reason}")
+        return _cluster_client(url, _options(url, overrides))
+    return create_redis(url, **overrides)
+
+
+CLUSTER_REDIS_PY = (8, 0)
+"""The first redis-py whose asyncio Pub/Sub has ``ssubscribe`` (Sharded Pub/Sub)."""
+
+
+def cluster_unsupported_reason() -> str | None:
+    """Why this installation cannot use Redis Cluster URLs, or None when it can."""
+    installed = tuple(int(p) for p in redis_version.split(".")[:2] if p.isdigit())
+    if installed >= CLUSTER_REDIS_PY:
+        return None
+    return (
+        f"Redis Cluster needs redis-py 8.0 or newer (asyncio Sharded Pub/Sub); "
+        f"redis-py {redis_version} is installed: pip install 'redis>=8'"
+    )
+
+
 def create_redis(url: str, **overrides: Any) -> Redis:
     """Build a ``redis.asyncio.Redis`` for ``url``.
 
@@ -137,27 +197,116 @@ def create_redis(url: str, **overrides: Any) -> Redis:
 
     Raises:
         ConfigurationError: the URL's scheme is not one of ``redis``, ``rediss``,
-            ``unix``, ``redis+sentinel``, or the URL is malformed.
+            ``unix``, ``redis+sentinel``, or the URL is malformed; or it names a Redis
+            Cluster, which only the event relay supports in this version.
     """
     parts = urlsplit(check_redis_url(url))
+    if is_cluster_url(url):
+        raise ConfigurationError(
+            f"Redis URL {redact_url(url)!r} names a Redis Cluster: in this version only the "
+            "event relay (EventRelay) runs on Cluster; leader election, the scheduler, "
+            "sessions and shared state need a single Redis or Sentinel "
+            "(redis://, rediss://, unix://, redis+sentinel://)"
+        )
+    options = _options(url, overrides)
+    if parts.scheme.endswith("+sentinel"):
+        options.setdefault("max_connections", _UNPOOLED)
+        return _sentinel_client(url, options)
+    return _pooled(url, options)
+
+
+def _pooled(url: str, options: dict[str, Any], **node: Any) -> Redis:
+    """A client on a pool that waits for a free connection (see the module doc): of
+    ``url``, or of one cluster ``node`` (``host``, ``port``) with ``options``' auth."""
+    options.setdefault("max_connections", MAX_CONNECTIONS)
+    options.setdefault("timeout", POOL_TIMEOUT_S)
+    if node:
+        if options.pop("ssl", False):  # from_url picks the class from the scheme; here, us
+            options["connection_class"] = SSLConnection
+        return Redis.from_pool(BlockingConnectionPool(**node, **options))
+    try:
+        return Redis.from_pool(BlockingConnectionPool.from_url(url, **options))
+    except ValueError as exc:
+        raise ConfigurationError(f"Redis URL {redact_url(url)!r} is invalid: {exc}") from None
+
+
+def create_node_client(url: str, host: str, port: int, **overrides: Any) -> Redis:
+    """A plain client of one node of the cluster of ``url`` (its credentials and TLS),
+    for what a cluster client cannot do: a Pub/Sub connection to one shard.
+
+    Raises:
+        ConfigurationError: ``url`` is not a valid cluster URL.
+    """
+    if not is_cluster_url(check_redis_url(url)):
+        raise ConfigurationError(f"Redis URL {redact_url(url)!r} is not a cluster URL")
+    options = _options(url, overrides)
+    options.update(_auth_and_tls(url))
+    return _pooled(url, options, host=host, port=port)
+
+
+def _options(url: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """redis-py options every client gets (retry, timeouts, keepalive), then ``overrides``."""
     options: dict[str, Any] = {
         "retry": default_retry(),
         "socket_connect_timeout": 5,
         "socket_keepalive": True,
         "health_check_interval": 10,
     }
-    if parts.scheme == "unix":
+    if urlsplit(url).scheme == "unix":
         del options["socket_keepalive"]  # TCP only: redis-py's unix connection rejects it
     options.update(overrides)
-    if parts.scheme.endswith("+sentinel"):
-        options.setdefault("max_connections", 2**31)
-        return _sentinel_client(url, options)
-    options.setdefault("max_connections", MAX_CONNECTIONS)
-    options.setdefault("timeout", POOL_TIMEOUT_S)
-    try:
-        return Redis.from_pool(BlockingConnectionPool.from_url(url, **options))
-    except ValueError as exc:
-        raise ConfigurationError(f"Redis URL {redact_url(url)!r} is invalid: {exc}") from None
+    return options
+
+
+def _auth_and_tls(url: str) -> dict[str, Any]:
+    """The password, user and TLS options of a Sentinel or Cluster URL (its query's
+    ``ssl_*`` parameters; ``ssl_check_hostname`` as a boolean)."""
+    parts = urlsplit(url)
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    options: dict[str, Any] = {}
+    if parts.scheme.startswith("rediss"):
+        options["ssl"] = True
+        options.update({k: v for k, v in query.items() if k in _TLS_OPTIONS})
+        if "ssl_check_hostname" in options:
+            check = options["ssl_check_hostname"].lower() in ("1", "true", "yes")
+            options["ssl_check_hostname"] = check
+    if parts.password is not None:
+        options["password"] = unquote(parts.password)
+    if parts.username:
+        options["username"] = unquote(parts.username)
+    return options
+
+
+def _hosts(url: str, default_port: int) -> list[tuple[str, int]]:
+    """The comma-separated ``host:port`` list of a Sentinel or Cluster URL."""
+    netloc = urlsplit(url).netloc.rsplit("@", 1)[-1]
+    hosts: list[tuple[str, int]] = []
+    for item in netloc.split(","):
+        host, _, port = item.rpartition(":") if ":" in item else (item, "", str(default_port))
+        if not port.isdigit():
+            raise ConfigurationError(f"address {item!r} in {redact_url(url)!r} needs host:port")
+        hosts.append((host or "localhost", int(port)))
+    return hosts
+
+
+def _cluster_hosts(url: str) -> list[tuple[str, int]]:
+    """The seed nodes of a cluster URL; a database other than 0 is an error."""
+    parts = urlsplit(url)
+    path = parts.path.strip("/")
+    dbs = ([path] if path else []) + parse_qs(parts.query).get("db", [])
+    if any(db != "0" for db in dbs):
+        raise ConfigurationError(
+            f"Cluster URL {redact_url(url)!r} names database {dbs[0]!r}: Redis Cluster has "
+            "only database 0; use redis+cluster://host1:6379,host2:6379"
+        )
+    return _hosts(url, 6379)
+
+
+def _cluster_client(url: str, options: dict[str, Any]) -> RedisCluster:
+    options.setdefault("max_connections", _UNPOOLED)
+    options.update(_auth_and_tls(url))
+    nodes = [ClusterNode(host, port) for host, port in _cluster_hosts(url)]
+    return RedisCluster(startup_nodes=nodes, **options)
 
 
 class _SentinelConnection(SentinelManagedConnection):
@@ -186,13 +335,7 @@ def _sentinel_parts(url: str) -> tuple[list[tuple[str, int]], str, int]:
     """The Sentinels' addresses, the service name and the database of a Sentinel URL."""
     parts = urlsplit(url)
     shown = redact_url(url)
-    netloc = parts.netloc.rsplit("@", 1)[-1]
-    hosts: list[tuple[str, int]] = []
-    for item in netloc.split(","):
-        host, _, port = item.rpartition(":") if ":" in item else (item, "", "26379")
-        if not port.isdigit():
-            raise ConfigurationError(f"Sentinel address {item!r} in {shown!r} needs host:port")
-        hosts.append((host or "localhost", int(port)))
+    hosts = _hosts(url, 26379)
     path = [p for p in parts.path.split("/") if p]
     if not path:
         raise ConfigurationError(
@@ -208,21 +351,13 @@ def _sentinel_parts(url: str) -> tuple[list[tuple[str, int]], str, int]:
 
 
 def _sentinel_client(url: str, options: dict[str, Any]) -> Redis:
-    parts = urlsplit(url)
     hosts, service, db = _sentinel_parts(url)
-    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    query = {k: v[-1] for k, v in parse_qs(urlsplit(url).query).items()}
     sentinel_kwargs: dict[str, Any] = {"socket_connect_timeout": 2}
-    if parts.scheme.startswith("rediss"):
-        options["ssl"] = True
-        tls: dict[str, Any] = {k: v for k, v in query.items() if k in _TLS_OPTIONS}
-        if "ssl_check_hostname" in tls:
-            tls["ssl_check_hostname"] = tls["ssl_check_hostname"].lower() in ("1", "true", "yes")
-        options.update(tls)  # the primary's and replicas' connections...
-        sentinel_kwargs.update(ssl=True, **tls)  # ...and the Sentinels' (TLS too)
-    if parts.password is not None:
-        options["password"] = unquote(parts.password)
-    if parts.username:
-        options["username"] = unquote(parts.username)
+    auth = _auth_and_tls(url)
+    options.update(auth)  # the primary's and replicas' connections...
+    if auth.get("ssl"):  # ...and the Sentinels' (TLS too)
+        sentinel_kwargs.update({k: v for k, v in auth.items() if k == "ssl" or k in _TLS_OPTIONS})
     if "sentinel_password" in query:
         sentinel_kwargs["password"] = query["sentinel_password"]
     sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_kwargs, db=db, **options)  # type: ignore[no-untyped-call]

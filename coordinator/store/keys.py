@@ -32,9 +32,16 @@ from coordinator.settings import check_name
 
 @dataclass(frozen=True)
 class Keys:
-    """Key names for one namespace."""
+    """Key names for one namespace.
+
+    ``sharded`` (Redis Cluster): each relay channel's stream and Pub/Sub channel
+    carry a hash tag of their own, ``{<namespace>/<channel>}`` (names never hold
+    ``/``), so channels, and publish load, spread over the shards; every other key
+    stays in the namespace's slot.
+    """
 
     namespace: str
+    sharded: bool = False
 
     def __post_init__(self) -> None:
         check_name("namespace", self.namespace)
@@ -117,12 +124,29 @@ class Keys:
     # -- relay ----------------------------------------------------------------
     def stream(self, channel: str) -> str:
         """Stream: the retained events of one channel."""
+        if self.sharded:
+            return f"{self._channel_tag(channel)}:stream"
         return f"{self.prefix}stream:{channel}"
 
     def channel_events(self, channel: str) -> str:
         """Pub/Sub channel carrying one relay channel's events (subscribed to only by
-        processes with a local subscriber of it)."""
+        processes with a local subscriber of it); a shard channel when ``sharded``
+        (``SPUBLISH``/``SSUBSCRIBE``), in the slot of the channel's stream."""
+        if self.sharded:
+            return f"{self._channel_tag(channel)}:events"
         return f"{self.prefix}events:{channel}"
+
+    def events_channel_of(self, name: bytes) -> str | None:
+        """The relay channel whose :meth:`channel_events` is ``name``, else None."""
+        head, tail = self.channel_events("\0").encode("utf-8").split(b"\0")
+        if len(name) <= len(head) + len(tail) or not name.startswith(head):
+            return None
+        if tail and not name.endswith(tail):
+            return None
+        return name[len(head) : len(name) - len(tail)].decode("utf-8", "replace")
+
+    def _channel_tag(self, channel: str) -> str:
+        return "{" + self.namespace + "/" + channel + "}"
 
     def events(self) -> str:
         """Pub/Sub channel on which versions before per-channel subscriptions published
@@ -137,7 +161,7 @@ class Keys:
 
     def streams_pattern(self) -> str:
         """``SCAN MATCH`` pattern of every channel's stream (for status tools)."""
-        return f"{self.prefix}stream:*"
+        return self.stream("*")
 
     # -- presence -------------------------------------------------------------
     def instances(self) -> str:

@@ -19,6 +19,8 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
+from coordinator.store.connection import RedisClient
+
 _INCLUDE = re.compile(r"^--! include: ([a-z_]+)\s*$", re.MULTILINE)
 
 KeyT = str | bytes
@@ -41,7 +43,7 @@ class LuaScript:
 
     async def __call__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         keys: Sequence[KeyT] = (),
         args: Sequence[ArgT] = (),
     ) -> Any:

@@ -6,6 +6,8 @@
 - :class:`UnixRedisServer`: a unix socket only.
 - :class:`SentinelCluster`: a primary, a replica and three Sentinels on free
   ports, with :meth:`SentinelCluster.failover` and :meth:`SentinelCluster.kill_primary`.
+- :class:`RedisClusterServers`: a Redis Cluster, 3 primaries and 3 replicas, with
+  :meth:`RedisClusterServers.kill_primary_of`.
 
 Every process belongs to the test that started it and is stopped by ``stop()``.
 """
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-from coordinator.testing.servers import RedisServer, find_redis_server, wait_until
+from coordinator.testing.servers import RedisServer, find_redis_server, free_port, wait_until
 
 
 @dataclass(frozen=True)
@@ -340,3 +342,196 @@ class SentinelCluster:
                 return dict(client.info("replication"))
         except (redis.RedisError, OSError):
             return {}
+
+
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (10000 higher, Redis' rule) is free too."""
+    while True:
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+
+
+class RedisClusterServers:
+    """A Redis Cluster of ``primaries`` shards with one replica each (default 3 + 3),
+    made with ``redis-server --cluster-enabled yes`` and ``redis-cli --cluster create``.
+
+    ``url`` is the ``redis+cluster://`` URL (every node as a seed). Nodes are
+    :class:`~coordinator.testing.servers.RedisServer`s in :attr:`nodes` (by port): kill,
+    pause and restart them; :meth:`kill_primary_of` SIGKILLs the primary serving a key
+    and waits until its replica took over (``cluster-node-timeout`` 1 s).
+    """
+
+    def __init__(self, primaries: int = 3, binary: str | None = None) -> None:
+        self.binary = binary or find_redis_server()
+        self.nodes: dict[int, RedisServer] = {}
+        for _ in range(primaries * 2):
+            server = RedisServer(free_cluster_port(), binary=self.binary)
+            server.extra_args = [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                str(server.dir / "nodes.conf"),
+                "--cluster-node-timeout",
+                "1000",
+                # a replica whose primary died long ago may still take over (tests
+                # pause nodes), and a shard without a primary does not stop the others
+                "--cluster-replica-validity-factor",
+                "0",
+                "--cluster-require-full-coverage",
+                "no",
+            ]
+            self.nodes[server.port] = server
+        self.primaries = primaries
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.nodes)
+
+    def start(self, timeout: float = 60.0) -> RedisClusterServers:
+        """Start the nodes, create the cluster, and return once every node sees every
+        slot served and every replica in sync."""
+        try:
+            for node in self.nodes.values():
+                node.start()
+            cli = shutil.which("redis-cli", path=str(Path(self.binary).parent)) or "redis-cli"
+            subprocess.run(
+                [
+                    cli,
+                    "--cluster",
+                    "create",
+                    *(f"127.0.0.1:{p}" for p in self.nodes),
+                    "--cluster-replicas",
+                    "1",
+                    "--cluster-yes",
+                ],
+                check=True,
+                capture_output=True,
+                timeout=timeout,
+            )
+            wait_until(self.healthy, timeout, interval=0.1, message="the cluster never came up")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def healthy(self) -> bool:
+        """Every running node says ``cluster_state:ok`` with all slots served, and
+        ``primaries`` primaries each have a replica whose link is up."""
+        running = [p for p, n in self.nodes.items() if n.process and n.process.poll() is None]
+        synced = 0
+        for port in running:
+            raw = self._command(port, "CLUSTER", "INFO") or ""
+            info = dict(line.split(":", 1) for line in raw.split() if ":" in line)
+            if info.get("cluster_state") != "ok" or str(info.get("cluster_slots_ok")) != "16384":
+                return False
+            replication = self._command(port, "INFO", "replication") or {}
+            synced += replication.get("master_link_status") == "up"
+        return synced >= self.primaries
+
+    def primary_of(self, key: str) -> int:
+        """The port of the primary serving ``key``'s slot (as the first answering node says)."""
+        slot = self._slot(key)
+        for port in self.nodes:
+            nodes = self._command(port, "CLUSTER", "NODES")
+            if not isinstance(nodes, str):
+                continue
+            for line in nodes.splitlines():
+                # <id> <ip:port@bus> <flags> <primary> <ping> <pong> <epoch> <link> <slot>...
+                fields = line.split()
+                flags = fields[2].split(",")
+                if "master" not in flags or "fail" in flags or fields[7] != "connected":
+                    continue
+                for served in fields[8:]:
+                    first, _, last = served.partition("-")
+                    if first.isdigit() and int(first) <= slot <= int(last or first):
+                        return int(fields[1].split("@")[0].rsplit(":", 1)[1])
+        raise RuntimeError(f"no node knows an online primary for slot {slot}")
+
+    def kill_primary_of(self, key: str, timeout: float = 30.0) -> tuple[int, int]:
+        """SIGKILL the primary of ``key``'s slot; return (old port, new primary's port)
+        once its replica serves the slot."""
+        old = self.primary_of(key)
+        self.nodes[old].kill()
+
+        def promoted() -> int:
+            try:
+                port = self.primary_of(key)
+            except RuntimeError:
+                return 0
+            return port if port != old else 0
+
+        new = wait_until(promoted, timeout, interval=0.1, message="no replica took over")
+        return old, new
+
+    def move_slot(self, key: str, to_port: int, timeout: float = 30.0) -> None:
+        """Migrate ``key``'s slot, with its keys, to the primary on ``to_port`` (the
+        ``redis-cli --cluster reshard`` steps: IMPORTING, MIGRATING, MIGRATE, NODE)."""
+        slot = str(self._slot(key))
+        source = self.primary_of(key)
+        if source == to_port:
+            return
+        source_id = self._command(source, "CLUSTER", "MYID")
+        target_id = self._command(to_port, "CLUSTER", "MYID")
+        self._checked(to_port, "CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+        self._checked(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+        while keys := self._checked(source, "CLUSTER", "GETKEYSINSLOT", slot, "100"):
+            self._checked(
+                source, "MIGRATE", "127.0.0.1", str(to_port), "", "0", "5000", "KEYS", *keys
+            )
+        for port in (to_port, source, *self.nodes):
+            if self._command(port, "PING") is not None:
+                self._command(port, "CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        wait_until(
+            lambda: self.primary_of(key) == to_port and self.healthy(),
+            timeout,
+            interval=0.1,
+            message=f"slot {slot} never settled on {to_port}",
+        )
+
+    def stop(self) -> None:
+        for node in self.nodes.values():
+            node.stop()
+
+    def __enter__(self) -> RedisClusterServers:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _slot(self, key: str) -> int:
+        for port in self.nodes:
+            reply = self._command(port, "CLUSTER", "KEYSLOT", key)
+            if reply is not None:
+                return int(reply)
+        raise RuntimeError("no cluster node answered")
+
+    def _checked(self, port: int, *args: str) -> Any:
+        """A command that must succeed (``_command`` returns None on any error)."""
+        import redis
+
+        with redis.Redis(
+            host="127.0.0.1", port=port, socket_timeout=5, decode_responses=True
+        ) as client:
+            return client.execute_command(*args)
+
+    def _command(self, port: int, *args: str) -> Any:
+        import redis
+
+        node = self.nodes[port]
+        if node.paused or node.process is None or node.process.poll() is not None:
+            return None
+        try:
+            with redis.Redis(
+                host="127.0.0.1", port=port, socket_timeout=2, decode_responses=True
+            ) as client:
+                reply = client.execute_command(*args)
+        except (redis.RedisError, OSError):
+            return None
+        return reply

@@ -37,8 +37,10 @@ from collections.abc import Callable
 from fastapi import HTTPException, Request
 from redis.asyncio import Redis
 
+from coordinator.errors import ConfigurationError
 from coordinator.settings import CoordinatorSettings
 from coordinator.state.limits import ClusterRateLimiter, LimitDecision, StreamSlot, StreamSlots
+from coordinator.store.connection import RedisClient
 
 logger = logging.getLogger("coordinator.limits")
 
@@ -57,23 +59,34 @@ class ClientLimits:
         redis: the coordinator's client (its pool is shared by the limiters).
         settings: the limits (0: off), the namespace and the fail mode.
         client_key: who a request's client is (default :func:`client_address`).
+
+    Raises:
+        ConfigurationError: a limit is on and ``redis`` is a Redis Cluster client
+            (the limiters need a single Redis or Sentinel in this version).
     """
 
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         settings: CoordinatorSettings,
         client_key: ClientKey = client_address,
     ) -> None:
+        on = settings.publish_rate_per_client > 0 or settings.sse_max_connections_per_client > 0
+        if on and not isinstance(redis, Redis):
+            raise ConfigurationError(
+                "per-client limits (COORDINATOR_PUBLISH_RATE_PER_CLIENT, "
+                "COORDINATOR_SSE_MAX_CONNECTIONS_PER_CLIENT) need a single Redis or Sentinel "
+                "in this version, not Redis Cluster; set them to 0"
+            )
         self.settings = settings
         self.client_key = client_key
         self.publishes: ClusterRateLimiter | None = None
         self.streams: StreamSlots | None = None
-        if settings.publish_rate_per_client > 0:
+        if settings.publish_rate_per_client > 0 and isinstance(redis, Redis):
             self.publishes = ClusterRateLimiter(
                 redis, settings, settings.publish_rate_per_client, settings.publish_burst
             )
-        if settings.sse_max_connections_per_client > 0:
+        if settings.sse_max_connections_per_client > 0 and isinstance(redis, Redis):
             self.streams = StreamSlots(redis, settings, settings.sse_max_connections_per_client)
         self._logged_at = 0.0
 
