@@ -13,6 +13,8 @@
   process (:mod:`coordinator.web.limits`).
 - :class:`CoordinatorSettings`: every setting, validated, from the environment;
   :func:`create_redis`: the async Redis client for a URL (TLS, unix, Sentinel).
+  :func:`create_client`: the same, or a ``RedisCluster`` for a ``redis+cluster://``
+  URL (for :class:`EventRelay` and :class:`LeaderElector`, which run on Cluster).
 
 Importing this package changes nothing in the process: no environment variable
 is set, no file or directory is created. The web layer (FastAPI, sse-starlette,
@@ -44,7 +46,7 @@ from coordinator.relay import EventId, EventRelay, Subscription
 from coordinator.scheduler import JobContext, LeaderScheduler, RunRecord, run_once
 from coordinator.settings import CoordinatorSettings
 from coordinator.state import SharedState, StateChange, StateValue
-from coordinator.store.connection import create_redis, redact_url
+from coordinator.store.connection import create_client, create_redis, redact_url
 from coordinator.store.keys import Keys
 
 if TYPE_CHECKING:
@@ -117,6 +119,7 @@ __all__ = [
     "begin_session",
     "channel_router",
     "configure_logging",
+    "create_client",
     "create_redis",
     "end_session",
     "install_sessions",

@@ -77,6 +77,16 @@ def cluster_url() -> Iterator[str]:
         yield cluster.url
 
 
+@pytest.fixture
+def own_cluster() -> Iterator[RedisClusterServers]:
+    """A cluster this test alone owns: kill and move freely."""
+    reason = binary_only_reason("a Redis Cluster") or cluster_unsupported_reason()
+    if reason:
+        pytest.skip(reason)
+    with RedisClusterServers() as cluster:
+        yield cluster
+
+
 @pytest.fixture(params=["single", "sentinel", "cluster"])
 def topology_url(request: pytest.FixtureRequest) -> str:
     """The contract suite's Redis, once per topology: one node, Sentinel, Cluster

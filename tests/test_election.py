@@ -9,12 +9,14 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
-from coordinator import CoordinatorSettings, LeaderElector, create_redis
+from coordinator import CoordinatorSettings, LeaderElector, create_client, create_redis
 from coordinator.election.lease import parse_lease
 from coordinator.testing import async_wait_until, owned_redis
 
@@ -39,14 +41,54 @@ class Recorder:
 Make = Callable[..., tuple[LeaderElector, Recorder]]
 
 
+@dataclass
+class Topology:
+    """One Redis of the contract suite: its URL and a client of it (a RedisCluster on
+    Cluster)."""
+
+    url: str
+    client: Redis | RedisCluster
+
+    async def kill_client(self, client_id: int, key: str) -> None:
+        """CLIENT KILL on the node that holds ``key`` (connection ids are per node)."""
+        if isinstance(self.client, RedisCluster):
+            node = self.client.get_node_from_key(key)
+            await self.client.execute_command("CLIENT", "KILL", "ID", client_id, target_nodes=node)
+        else:
+            await self.client.client_kill_filter(_id=client_id)
+
+    async def listeners(self, channel: str) -> int:
+        """Pub/Sub subscribers of ``channel``, over every node on Cluster (classic
+        Pub/Sub subscriptions are per node)."""
+        if isinstance(self.client, RedisCluster):
+            total = 0
+            for node in self.client.get_nodes():
+                reply = await self.client.execute_command(
+                    "PUBSUB", "NUMSUB", channel, target_nodes=node
+                )
+                total += int(reply[1])
+            return total
+        return int((await self.client.pubsub_numsub(channel))[0][1])
+
+
+@pytest.fixture
+async def topology(topology_url: str) -> AsyncIterator[Topology]:
+    """The election contract tests run once per topology: one node, Sentinel, Cluster."""
+    client = create_client(topology_url)
+    yield Topology(topology_url, client)
+    await client.aclose()
+
+
 @pytest.fixture
 async def make(namespace: str) -> AsyncIterator[Make]:
     """Build electors with fast timings; all are stopped after the test."""
     made: list[LeaderElector] = []
 
     def build(
-        redis: Redis, instance_id: str, **overrides: object
+        redis: Redis | Topology, instance_id: str, **overrides: object
     ) -> tuple[LeaderElector, Recorder]:
+        if isinstance(redis, Topology):
+            redis, overrides = redis.client, {"redis_url": redis.url, **overrides}
         settings = CoordinatorSettings(
             namespace=namespace, instance_id=instance_id, **{**FAST, **overrides}
         )  # type: ignore[arg-type]
@@ -66,8 +108,8 @@ def leaders(electors: list[LeaderElector]) -> list[LeaderElector]:
     return [e for e in electors if e.is_leader]
 
 
-async def test_single_elector_leads_and_reports(redis_client: Redis, make: Make) -> None:
-    elector, rec = make(redis_client, "solo")
+async def test_single_elector_leads_and_reports(topology: Topology, make: Make) -> None:
+    elector, rec = make(topology, "solo")
     await elector.start()
     term = await elector.wait_for_leadership(timeout=5)
     assert rec.elected == [term.token] and elector.token == term.token
@@ -110,8 +152,8 @@ async def _renewed_after(elector: LeaderElector, when: object) -> bool:
     return info is not None and info.renewed_at > when  # type: ignore[operator]
 
 
-async def test_graceful_release_hands_over_at_once(redis_client: Redis, make: Make) -> None:
-    pairs = [make(redis_client, f"e{i}") for i in range(3)]
+async def test_graceful_release_hands_over_at_once(topology: Topology, make: Make) -> None:
+    pairs = [make(topology, f"e{i}") for i in range(3)]
     electors = [e for e, _ in pairs]
     for e in electors:
         await e.start()
@@ -131,12 +173,48 @@ async def test_graceful_release_hands_over_at_once(redis_client: Redis, make: Ma
     assert handoff < 1.0, f"handoff took {handoff:.3f}s"
 
 
-async def test_lease_lost_is_noticed_and_revoked(redis_client: Redis, make: Make) -> None:
-    elector, rec = make(redis_client, "a", retry_period_ms=900)
+SLOW = {
+    "lease_ttl_ms": 10000,
+    "renew_interval_ms": 2000,
+    "renew_deadline_ms": 8000,
+    "retry_period_ms": 8000,
+}
+
+
+async def test_a_waiting_follower_campaigns_on_the_release_notice(
+    topology: Topology, make: Make
+) -> None:
+    """A follower that is not the heir polls only every 10 retry periods (80 s here):
+    it takes over within a second of a graceful release only if the notice reached
+    it (the notice listener works on this topology)."""
+    pairs = [make(topology, f"e{i}", **SLOW) for i in range(3)]
+    electors = [e for e, _ in pairs]
+    for e in electors:
+        await e.start()
+    await async_wait_until(
+        lambda: len(leaders(electors)) == 1 and len(heirs(electors)) == 1, 10, message="roles"
+    )
+    leader, heir = leaders(electors)[0], heirs(electors)[0]
+    waiting = next(e for e in electors if e is not leader and e is not heir)
+    channel = leader.keys.election_notices(leader.name)
+    await async_wait_until(
+        lambda: _all(waiting.stats.campaigns >= 1, topology.listeners(channel), 3),
+        10,
+        message="every elector listens for notices and has campaigned",
+    )
+    await heir.stop(release=False)  # gone without a word: only the notice can wake `waiting`
+    started = time.monotonic()
+    await leader.stop()
+    await async_wait_until(lambda: waiting.is_leader, 5, interval=0.005, message="took over")
+    assert time.monotonic() - started < 1.0
+
+
+async def test_lease_lost_is_noticed_and_revoked(topology: Topology, make: Make) -> None:
+    elector, rec = make(topology, "a", retry_period_ms=900)
     await elector.start()
     term = await elector.wait_for_leadership(timeout=5)
     # Someone overwrites the lease (an operator, a split brain after failover).
-    await redis_client.set(elector.keys.lease(elector.name), b'{"instance_id":"x"}', px=60000)
+    await topology.client.set(elector.keys.lease(elector.name), b'{"instance_id":"x"}', px=60000)
     await async_wait_until(lambda: rec.revoked, timeout=3)
     assert rec.revoked == ["lease lost"] and not elector.is_leader
     assert elector.term is None and not await elector.check()
@@ -193,18 +271,22 @@ async def test_restart_with_data_loss_keeps_tokens_increasing(make: Make) -> Non
         await redis.aclose()
 
 
-async def test_killed_leader_connection_triggers_takeover(redis_client: Redis, make: Make) -> None:
-    a, rec_a = make(redis_client, "a")
-    b, _ = make(redis_client, "b")
+async def test_killed_leader_connection_triggers_takeover(topology: Topology, make: Make) -> None:
+    a, rec_a = make(topology, "a")
+    b, _ = make(topology, "b")
     await a.start()
     term = await a.wait_for_leadership(timeout=5)
     await b.start()
     # The lease names a's lease connection; cut it, as a crash would.
-    await redis_client.client_kill_filter(_id=term.client_id)
+    await topology.kill_client(term.client_id, a.keys.lease(a.name))
     await async_wait_until(lambda: b.is_leader, timeout=5)
     assert (b.token or 0) > term.token
     await async_wait_until(lambda: rec_a.revoked, timeout=5)
     assert rec_a.revoked[0] in {"lease lost", "connection replaced"}
+
+
+async def _all(campaigned: bool, listeners: Awaitable[int], expected: int) -> bool:
+    return await listeners >= expected and campaigned  # always awaited
 
 
 def heirs(electors: list[LeaderElector]) -> list[LeaderElector]:
@@ -212,24 +294,23 @@ def heirs(electors: list[LeaderElector]) -> list[LeaderElector]:
 
 
 async def test_one_heir_watches_the_holder_and_is_replaced_when_it_goes(
-    redis_client: Redis, redis_url: str, make: Make, caplog: pytest.LogCaptureFixture
+    topology: Topology, make: Make, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Of four followers exactly one is the heir; it is replaced at once when it stops,
     and within one renew interval of its key expiring when it vanishes; a crash of
     the leader is then found by the heir's connection check, not by the lease TTL."""
     caplog.set_level(logging.INFO, logger="coordinator.election")
-    own = create_redis(redis_url)  # the leader's own connections, closed as by a crash
-    leader, _ = make(own, "lead")
+    own = create_client(topology.url)  # the leader's own connections, closed as by a crash
+    leader, leader_rec = make(Topology(topology.url, own), "lead")
     await leader.start()
     term = await leader.wait_for_leadership(timeout=5)
-    followers = [make(redis_client, f"e{i}")[0] for i in range(4)]
+    followers = [make(topology, f"e{i}")[0] for i in range(4)]
     for e in followers:
         await e.start()
     await async_wait_until(lambda: len(heirs(followers)) == 1, 5, message="one heir")
     heir = heirs(followers)[0]
-    assert json.loads(await redis_client.get(leader.keys.heir(leader.name)))["instance_id"] == (
-        heir.instance_id
-    )
+    heir_value = await topology.client.get(leader.keys.heir(leader.name))
+    assert json.loads(heir_value)["instance_id"] == heir.instance_id
     await heir.stop()  # resigns: a notice, another follower takes the role
     rest = [e for e in followers if e is not heir]
     await async_wait_until(lambda: len(heirs(rest)) == 1, 5, message="a new heir after a stop")
@@ -238,6 +319,7 @@ async def test_one_heir_watches_the_holder_and_is_replaced_when_it_goes(
     rest = [e for e in rest if e is not heir]
     await async_wait_until(lambda: len(heirs(rest)) == 1, 5, message="a new heir after expiry")
     heir = heirs(rest)[0]
+    assert leader_rec.revoked == []  # no heir ever deposed the live leader
     await leader.stop(release=False)  # the lease stays until its TTL...
     await own.aclose()  # ...and the leader's connections close
     await async_wait_until(lambda: len(leaders(rest)) == 1, 5, message="a follower took over")
@@ -248,11 +330,11 @@ async def test_one_heir_watches_the_holder_and_is_replaced_when_it_goes(
 
 
 async def test_an_heir_on_the_leaders_host_gives_way_to_a_follower_on_another(
-    redis_client: Redis, make: Make
+    topology: Topology, make: Make
 ) -> None:
-    leader, _ = make(redis_client, "lead")
-    local, _ = make(redis_client, "local")
-    remote, _ = make(redis_client, "remote")
+    leader, _ = make(topology, "lead")
+    local, _ = make(topology, "local")
+    remote, _ = make(topology, "remote")
     leader.hostname = local.hostname = "host-a"
     remote.hostname = "host-b"
     await leader.start()
@@ -266,7 +348,7 @@ async def test_an_heir_on_the_leaders_host_gives_way_to_a_follower_on_another(
 
 
 async def test_failing_callback_does_not_stop_the_elector(
-    redis_client: Redis, namespace: str
+    topology: Topology, namespace: str
 ) -> None:
     calls: list[int] = []
 
@@ -274,8 +356,10 @@ async def test_failing_callback_does_not_stop_the_elector(
         calls.append(token)
         raise RuntimeError("observer bug")
 
-    settings = CoordinatorSettings(namespace=namespace, instance_id="a", **FAST)  # type: ignore[arg-type]
-    elector = LeaderElector(redis_client, settings, on_elected=broken)
+    settings = CoordinatorSettings(
+        namespace=namespace, instance_id="a", redis_url=topology.url, **FAST
+    )  # type: ignore[arg-type]
+    elector = LeaderElector(topology.client, settings, on_elected=broken)
     async with elector:
         await elector.wait_for_leadership(timeout=5)
         await asyncio.sleep(0.7)  # two renewals

@@ -31,22 +31,11 @@ from coordinator.store.connection import (
     create_node_client,
 )
 from coordinator.testing import RedisServer, async_wait_until, free_port, wait_until
-from coordinator.testing.servers import binary_only_reason
 from coordinator.testing.topologies import RedisClusterServers, free_cluster_port
 
 from .test_relay import Reader, running, settings
 
 pytestmark = pytest.mark.timeout(180)
-
-
-@pytest.fixture
-def own_cluster() -> Iterator[RedisClusterServers]:
-    """A cluster this test alone owns: kill and move freely."""
-    reason = binary_only_reason("a Redis Cluster") or cluster_unsupported_reason()
-    if reason:
-        pytest.skip(reason)
-    with RedisClusterServers() as cluster:
-        yield cluster
 
 
 def node_of(cluster: RedisCluster, key: str) -> str:

@@ -42,10 +42,30 @@ Limits, said plainly:
 - If the leader's own Redis connection is replaced (a network blip), the lease
   still names the old connection; the leader steps down and campaigns again,
   a spurious but safe failover.
-- With Sentinel or replication, a failover can lose the last writes (Redis
-  replication is asynchronous); the new primary may let a second leader in
-  while the old one still believes it leads for up to ``renew_deadline``.
+- With Sentinel, Cluster or replication, a failover can lose the last writes
+  (Redis replication is asynchronous); the new primary may let a second leader
+  in while the old one still believes it leads for up to ``renew_deadline``.
   Claims stay safe only on the primary that holds the current lease.
+
+On Redis Cluster (a ``RedisCluster`` client from a ``redis+cluster://`` URL) the
+election's keys share the namespace's hash slot. The lease connection is a
+plain connection to that slot's primary, so ``CLIENT LIST ID`` looks on the
+node that holds the lease. After any Redis error on it (not only a failover or
+a slot migration: any error, so a leader loses its term where on one node only
+a reconnect would cost it) the connection is closed, the slot map read again,
+and a new connection made to the slot's primary then; the leader steps down
+("connection replaced") and campaigns again.
+
+Fencing across a failover (Sentinel or Cluster): the acquisition's writes (the
+lease and the token counter) replicate asynchronously. If the primary dies
+before they reach the replica, both roll back and the next leader gets the same
+token again. Such a term could not have had a claim confirmed by ``WAIT`` (the
+claim is later than the acquisition, and ``WAIT`` confirms the replication
+offset, which covers it); with ``min_replicas`` the scheduler relies on that.
+Connection ids are per node: after a failover the heir asks the promoted node
+about an id the old primary handed out; if the new node happens to have a
+client with that id, the heir believes the holder alive and the lease TTL ends
+the term instead.
 """
 
 from __future__ import annotations
@@ -65,6 +85,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.backoff import FullJitterBackoff
 from redis.exceptions import ResponseError
 
@@ -73,6 +94,12 @@ from coordinator.election.notices import listen_for_notices
 from coordinator.errors import REDIS_UNREACHABLE
 from coordinator.settings import CoordinatorSettings, check_name
 from coordinator.store.codec import text
+from coordinator.store.connection import (
+    RedisClient,
+    check_client_matches,
+    create_node_client,
+    refresh_slot_map,
+)
 from coordinator.store.keys import Keys
 from coordinator.store.scripts import ACQUIRE, CHECK, RELEASE, RENEW
 from coordinator.tasks import cancel_and_wait
@@ -107,6 +134,8 @@ class ElectionStats:
     """
 
     terms_won: int = 0
+    campaigns: int = 0
+    """Attempts to take the lease (one ``acquire`` script run each)."""
     renewals: int = 0
     renew_failures: int = 0
     """Renewals that failed (Redis error) or found the lease lost."""
@@ -130,7 +159,7 @@ class LeaderElector:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         settings: CoordinatorSettings,
         *,
         name: str | None = None,
@@ -140,8 +169,11 @@ class LeaderElector:
         self.settings = settings
         self.name = check_name("election name", name or settings.election_name)
         self.keys = Keys(settings.namespace)
+        if isinstance(redis, RedisCluster):
+            check_client_matches("LeaderElector", redis, settings.redis_url)
         self._redis = redis
-        self._conn: Redis | None = None
+        self._conn: Redis | None = None  # the lease connection (see the module doc)
+        self._node: Redis | None = None  # Cluster: the client of the slot's primary
         self._lease_key = self.keys.lease(self.name)
         self._fencing_key = self.keys.fencing(self.name)
         self._notices = self.keys.election_notices(self.name)
@@ -156,6 +188,8 @@ class LeaderElector:
         self._crash_check = True
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
+        self._started = False
+        self._stale_map = False  # Cluster: read the slot map before the next connection
         self._task: asyncio.Task[None] | None = None
         self._notice_task: asyncio.Task[None] | None = None
         self._changed = asyncio.Condition()
@@ -237,7 +271,7 @@ class LeaderElector:
         if self._task is not None:
             return
         self._stopping.clear()
-        self._conn = self._redis.client()
+        self._started = True
         self._task = asyncio.create_task(self._run(), name=f"elector:{self.name}")
         self._notice_task = asyncio.create_task(
             listen_for_notices(
@@ -267,10 +301,8 @@ class LeaderElector:
             await self._end_term("released", release=release)
         elif self.is_heir and release:
             await self._resign_heir()
-        if self._conn is not None:
-            with contextlib.suppress(Exception):
-                await self._conn.aclose()
-            self._conn = None
+        await self._close_connection()
+        self._started = False
 
     async def __aenter__(self) -> LeaderElector:
         await self.start()
@@ -296,6 +328,9 @@ class LeaderElector:
                 raise
             except REDIS_UNREACHABLE as exc:
                 self._client_id = 0  # the connection may come back as a new client
+                if isinstance(self._redis, RedisCluster):
+                    await self._close_connection()  # the slot may have a new primary
+                    self._stale_map = True
                 delay = backoff.compute(min(failures, 16))
                 failures += 1
                 logger.warning(
@@ -317,7 +352,7 @@ class LeaderElector:
 
     async def _campaign(self) -> None:
         self._wake.clear()  # a notice that arrives from here on cuts the wait short
-        conn = self._connection()
+        conn = await self._connection()
         started = time.monotonic()
         # The lease names the connection that renews it. Its id is cached (one
         # round trip less per follower tick) and checked again after winning: a
@@ -339,6 +374,7 @@ class LeaderElector:
                 self._notices,
             ],
         )
+        self.stats.campaigns += 1
         self.is_heir = not won and role == [1]
         if won:
             value_s = text(value)
@@ -412,8 +448,8 @@ class LeaderElector:
         if await self._step_down_if_expired():
             return
         started = time.monotonic()
-        conn = self._connection()
         async with asyncio.timeout(max(0.01, self._time_to_deadline())):
+            conn = await self._connection()  # on Cluster it may read the slot map first
             renewed = await RENEW(
                 conn,
                 [self._lease_key, self._heir_key],
@@ -486,10 +522,44 @@ class LeaderElector:
             self._changed.notify_all()
 
     # -- helpers ----------------------------------------------------------------
-    def _connection(self) -> Redis:
-        if self._conn is None:
+    async def _connection(self) -> Redis:
+        """The lease connection, made on first use: a dedicated connection of the
+        client on one node; on Cluster, one to the primary of the election's slot
+        (from a slot map read again after any error, see ``_run``)."""
+        if not self._started:
             raise RuntimeError("LeaderElector is not started")
+        if self._conn is None:
+            if isinstance(self._redis, RedisCluster):
+                # Bounded: a node that stopped answering must not hold the loop. Shielded:
+                # redis-py closes every connection of the client if its start is cancelled.
+                refresh = refresh_slot_map if self._stale_map else RedisCluster.initialize
+                async with asyncio.timeout(max(1.0, self.settings.retry_period)):
+                    await asyncio.shield(refresh(self._redis))
+                self._stale_map = False
+                node = self._redis.get_node_from_key(self._lease_key)
+                assert node is not None  # get_node_from_key raises for an uncovered slot
+                self._node = create_node_client(
+                    self.settings.redis_url, node.host, int(node.port), max_connections=1
+                )
+                self._conn = self._node.client()
+            else:
+                self._conn = self._redis.client()
         return self._conn
+
+    async def _close_connection(self) -> None:
+        """Close the lease connection (and on Cluster its node's pool), to completion
+        even if the caller is cancelled meanwhile; the next one has a new client id."""
+        closing = [c for c in (self._conn, self._node) if c is not None]
+        self._conn = self._node = None
+        self._client_id = 0
+
+        async def close() -> None:
+            for client in closing:
+                with contextlib.suppress(Exception):
+                    await client.aclose()
+
+        if closing:
+            await asyncio.shield(close())
 
     @property
     def _heir_value(self) -> str:

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from redis.asyncio import Redis
-
 from coordinator.clock import ms_to_datetime
+from coordinator.store.connection import RedisClient
 from coordinator.store.keys import Keys
 from coordinator.store.scripts import READ_LEASE
 
@@ -76,7 +75,7 @@ def parse_lease(value: bytes | str, pttl_ms: int, now_ms: int) -> LeaderInfo:
     )
 
 
-async def read_leader(redis: Redis, keys: Keys, election: str) -> LeaderInfo | None:
+async def read_leader(redis: RedisClient, keys: Keys, election: str) -> LeaderInfo | None:
     """The current holder of ``election``'s lease, or ``None``. One round trip."""
     value, pttl, now_ms = await READ_LEASE(redis, [keys.lease(election)])
     if value is None or int(pttl) < 0:

@@ -12,16 +12,17 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.backoff import FullJitterBackoff
 
 from coordinator.errors import REDIS_UNREACHABLE
+from coordinator.store.connection import RedisClient, refresh_slot_map
 
 logger = logging.getLogger("coordinator.election")
 
 
 async def listen_for_notices(
-    redis: Redis,
+    redis: RedisClient,
     channel: str,
     on_notice: Callable[[bytes], None],
     *,
@@ -30,14 +31,18 @@ async def listen_for_notices(
 ) -> None:
     """Call ``on_notice(data)`` for every message on ``channel`` until cancelled.
 
-    Uses one Pub/Sub connection from ``redis``'s pool; reconnects with jittered
-    backoff (capped at ``backoff_cap`` seconds) whenever it drops.
+    Uses one Pub/Sub connection from ``redis``'s pool (on Cluster, to the node of
+    the channel's slot: classic Pub/Sub reaches every node); reconnects with
+    jittered backoff (capped at ``backoff_cap`` seconds) whenever it drops, on
+    Cluster after reading the slot map again.
     """
     backoff = FullJitterBackoff(cap=backoff_cap, base=0.1)
     failures = 0
     while True:
         pubsub = redis.pubsub(ignore_subscribe_messages=True)
         try:
+            if isinstance(redis, RedisCluster):
+                await redis.initialize()  # its Pub/Sub routes by a slot map read here
             await pubsub.subscribe(channel)
             failures = 0
             while True:
@@ -48,6 +53,9 @@ async def listen_for_notices(
             logger.debug("%s: notice listener on %s: %s", who, channel, exc)
             await asyncio.sleep(backoff.compute(min(failures, 16)))
             failures += 1
+            if isinstance(redis, RedisCluster):
+                with contextlib.suppress(*REDIS_UNREACHABLE):
+                    await refresh_slot_map(redis)
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.shield(pubsub.aclose())  # type: ignore[no-untyped-call]

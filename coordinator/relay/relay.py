@@ -103,11 +103,12 @@ from coordinator.relay.watchers import ChannelWatcher
 from coordinator.settings import CoordinatorSettings
 from coordinator.store.codec import text
 from coordinator.store.connection import (
+    check_client_matches,
     create_client,
     create_node_client,
     create_redis,
     is_cluster_url,
-    redact_url,
+    refresh_slot_map,
 )
 from coordinator.store.keys import Keys
 from coordinator.store.scripts import PUBLISH
@@ -203,13 +204,8 @@ class EventRelay:
     ) -> None:
         self.settings = settings
         cluster = is_cluster_url(settings.redis_url)
-        if redis is not None and isinstance(redis, RedisCluster) != cluster:
-            raise ConfigurationError(
-                f"EventRelay was given a {type(redis).__name__} client but "
-                f"{redact_url(settings.redis_url)!r} is "
-                + ("a cluster URL" if cluster else "not a cluster URL")
-                + "; pass a client made by create_client(settings.redis_url)"
-            )
+        if redis is not None:
+            check_client_matches("EventRelay", redis, settings.redis_url)
         self.keys = Keys(settings.namespace, sharded=cluster)
         self._redis = redis if redis is not None else create_client(settings.redis_url)
         self._owns_redis = redis is None
@@ -349,7 +345,7 @@ class EventRelay:
         failover or slot move, ...): learn the slot map again for the caller's retry."""
         assert isinstance(self._redis, RedisCluster)
         with contextlib.suppress(*REDIS_UNREACHABLE):
-            await self._redis.nodes_manager.initialize()
+            await refresh_slot_map(self._redis)
 
     # -- subscribing --------------------------------------------------------------
     async def subscribe(
@@ -699,7 +695,7 @@ class EventRelay:
         if not isinstance(self._redis, RedisCluster):
             assert self._listen_redis is not None
             return {"": _Link(self._listen_redis.pubsub(), "")}
-        await self._redis.nodes_manager.initialize()
+        await refresh_slot_map(self._redis)
         links: dict[str, _Link] = {}
         try:
             for node in self._redis.get_primaries():

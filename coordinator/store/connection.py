@@ -174,6 +174,37 @@ def create_client(url: str, **overrides: Any) -> RedisClient:
     return create_redis(url, **overrides)
 
 
+def check_client_matches(component: str, redis: object, url: str) -> None:
+    """Refuse a client whose kind does not match ``url`` (a ``RedisCluster`` for a
+    cluster URL, a plain client otherwise): a component that opens its own node
+    connections takes them from the URL, so both must name the same Redis.
+
+    Raises:
+        ConfigurationError: they do not match; says to build the client from the URL.
+    """
+    cluster = is_cluster_url(url)
+    if isinstance(redis, RedisCluster) != cluster:
+        raise ConfigurationError(
+            f"{component} was given a {type(redis).__name__} client but "
+            f"{redact_url(url)!r} is "
+            + ("a cluster URL" if cluster else "not a cluster URL")
+            + "; pass a client made by create_client(settings.redis_url)"
+        )
+
+
+async def refresh_slot_map(cluster: RedisCluster) -> None:
+    """Read ``cluster``'s slot map again (after a failover or a slot migration).
+
+    A client that has not run a command yet is initialized first: redis-py's own
+    start-up also loads the command table, without which it cannot route commands.
+
+    Raises:
+        RedisClusterException, RedisError: no node answered with a full slot map.
+    """
+    await cluster.initialize()
+    await cluster.nodes_manager.initialize()
+
+
 CLUSTER_REDIS_PY = (8, 0)
 """The first redis-py whose asyncio Pub/Sub has ``ssubscribe`` (Sharded Pub/Sub)."""
 
@@ -198,13 +229,15 @@ def create_redis(url: str, **overrides: Any) -> Redis:
     Raises:
         ConfigurationError: the URL's scheme is not one of ``redis``, ``rediss``,
             ``unix``, ``redis+sentinel``, or the URL is malformed; or it names a Redis
-            Cluster, which only the event relay supports in this version.
+            Cluster, which only the event relay and leader election support in this
+            version (with :func:`create_client`).
     """
     parts = urlsplit(check_redis_url(url))
     if is_cluster_url(url):
         raise ConfigurationError(
             f"Redis URL {redact_url(url)!r} names a Redis Cluster: in this version only the "
-            "event relay (EventRelay) runs on Cluster; leader election, the scheduler, "
+            "event relay (EventRelay) and leader election (LeaderElector) run on Cluster, "
+            "with a client from create_client(url); the Coordinator app, the scheduler, "
             "sessions and shared state need a single Redis or Sentinel "
             "(redis://, rediss://, unix://, redis+sentinel://)"
         )
@@ -362,5 +395,26 @@ def _sentinel_client(url: str, options: dict[str, Any]) -> Redis:
         sentinel_kwargs["password"] = query["sentinel_password"]
     sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_kwargs, db=db, **options)  # type: ignore[no-untyped-call]
     connection_class = _SentinelSSLConnection if options.get("ssl") else _SentinelConnection
-    client: Redis = sentinel.master_for(service, connection_class=connection_class)
+    client: Redis = sentinel.master_for(
+        service, redis_class=_SentinelManagedRedis, connection_class=connection_class
+    )
+    assert isinstance(client, _SentinelManagedRedis)
+    client.sentinels = tuple(sentinel.sentinels)
     return client
+
+
+class _SentinelManagedRedis(Redis):
+    """The primary's client; closing it (with its pool) also closes its connections to
+    the Sentinels, which redis-py leaves open (``.client()`` copies share the pool and
+    close neither)."""
+
+    sentinels: tuple[Redis, ...] = ()
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        owner = close_connection_pool or (
+            close_connection_pool is None and self.auto_close_connection_pool
+        )
+        await super().aclose(close_connection_pool)
+        if owner:
+            for sentinel in self.sentinels:
+                await sentinel.aclose()

@@ -204,6 +204,8 @@ class RedisServer:
         """Start the server and wait until it answers PING."""
         if self.process is not None and self.process.poll() is None:
             return self
+        if self.process is not None and self.process.stderr:
+            self.process.stderr.close()  # the exited process's pipe, before a new one
         self.process = subprocess.Popen(
             self.command(),
             stdin=subprocess.DEVNULL,
