@@ -1,11 +1,13 @@
 """Leader failover across real processes: graceful handoff and crash (SIGKILL).
 
-    python -m bench failover [--trials 20] [--followers 2] [--fast]
+    python -m bench failover [--trials 20] [--followers 2] [--fast] [--cluster]
 
 Prints p50/p95/p99/max in ms for each kind, and the Redis commands per second
 of a leader with 1, 10 and 100 idle followers (``--cost-followers``). Uses the
 library's default timings unless ``--fast`` (lease 1.5 s, retry 0.3 s). Each
-run uses a redis-server it starts.
+run uses a redis-server it starts; with ``--cluster``, a Redis Cluster of 3 primaries
+and 3 replicas it starts (commands are then counted on the primaries, where the
+election's slot and every node's share of the cluster's own chatter are).
 Times are taken on the system-wide monotonic clock in each process:
 handoff = old leader's "revoked" -> new leader's "elected";
 crash = SIGKILL sent -> new leader's "elected".
@@ -22,6 +24,7 @@ from pathlib import Path
 import redis as redis_sync
 
 from coordinator.testing import RedisServer
+from coordinator.testing.topologies import RedisClusterServers
 from tests.support.procs import Proc, stop_all, wait_for
 from tests.support.timing import FAST_ENV
 
@@ -97,14 +100,47 @@ def run_trials(
     return {"graceful handoff": handoff, "crash (SIGKILL)": crash}
 
 
-def election_cost(env: dict[str, str], counts: list[int], window: float) -> dict[int, float]:
+Topology = RedisServer | RedisClusterServers
+
+
+def start_topology(cluster: bool) -> Topology:
+    return RedisClusterServers().start() if cluster else RedisServer().start()
+
+
+def primary_ports(topology: Topology) -> list[int]:
+    if isinstance(topology, RedisServer):
+        return [topology.port]
+    port = next(iter(topology.nodes))
+    with redis_sync.Redis(port=port) as client:
+        listing = client.execute_command("CLUSTER", "NODES")
+    text = listing.decode() if isinstance(listing, bytes) else str(listing)
+    return [
+        int(fields[1].split("@")[0].rsplit(":", 1)[1])
+        for fields in (line.split() for line in text.splitlines())
+        if "master" in fields[2] and "fail" not in fields[2]
+    ]
+
+
+def commands_processed(ports: list[int]) -> int:
+    """``total_commands_processed`` summed over ``ports``, minus our own INFO calls."""
+    total = 0
+    for port in ports:
+        with redis_sync.Redis(port=port) as client:
+            total += int(client.info("stats")["total_commands_processed"]) - 1
+    return total
+
+
+def election_cost(
+    env: dict[str, str], counts: list[int], window: float, cluster: bool = False
+) -> dict[int, float]:
     """Redis commands per second of one leader and ``n`` idle followers, for each ``n``
     (followers run 25 to a process, each elector on its own connection, as separate
     processes would; counted from ``total_commands_processed``, which includes the
     commands run inside scripts)."""
 
     def commands_per_second(n_followers: int) -> float:
-        with RedisServer() as server:
+        server = start_topology(cluster)
+        try:
             group = Group(server.url, env)
             group.spawn()
             group.leader(group.procs)
@@ -127,14 +163,15 @@ def election_cost(env: dict[str, str], counts: list[int], window: float) -> dict
                 )
                 group.procs.append(proc)
                 wait_for(lambda p=proc: p.of("ready"), 60, "electors ready", [proc])
-            client = redis_sync.Redis.from_url(server.url)
             time.sleep(max(3.0, window / 3))  # let the start-up campaigns settle
-            before = int(client.info("stats")["total_commands_processed"])
+            ports = primary_ports(server)
+            before = commands_processed(ports)
             time.sleep(window)
-            after = int(client.info("stats")["total_commands_processed"])
-            client.close()
+            after = commands_processed(ports)
             stop_all(group.procs)
-            return (after - before - 1) / window  # minus our own INFO call
+            return (after - before) / window
+        finally:
+            server.stop()
 
     return {n: commands_per_second(n) for n in counts}
 
@@ -148,13 +185,21 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--cost-followers", type=int, nargs="*", default=[1, 10, 100], help="idle followers"
     )
+    parser.add_argument(
+        "--cluster", action="store_true", help="a 3+3 Redis Cluster instead of one redis-server"
+    )
     args = parser.parse_args(argv)
     env = FAST_ENV if args.fast else {}
     timing = "lease 1.5 s, retry 0.3 s" if args.fast else "defaults: lease 5 s, retry 1 s"
+    if args.cluster:
+        timing += "; Redis Cluster, 3 primaries + 3 replicas"
 
-    with RedisServer() as server:
+    server = start_topology(args.cluster)
+    try:
         results = run_trials(server.url, env, args.trials, args.followers)
-    costs = election_cost(env, [0, *args.cost_followers], args.window)
+    finally:
+        server.stop()
+    costs = election_cost(env, [0, *args.cost_followers], args.window, args.cluster)
 
     rows = ["| failover | n | p50 ms | p95 ms | p99 ms | max ms |", "|---|---|---|---|---|---|"]
     summary = {}
@@ -181,7 +226,9 @@ def main(argv: list[str]) -> int:
     print("\n".join(["", *cost_rows]))
     cost = per_follower.get(max(per_follower), float("nan")) if per_follower else float("nan")
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"failover{'-fast' if args.fast else ''}.json"
+    out = (
+        RESULTS / f"failover{'-fast' if args.fast else ''}{'-cluster' if args.cluster else ''}.json"
+    )
     out.write_text(
         json.dumps(
             {

@@ -14,14 +14,14 @@ import asyncio
 import signal
 import sys
 
-from coordinator import CoordinatorSettings, LeaderElector, Term, create_redis
+from coordinator import CoordinatorSettings, LeaderElector, Term, create_client
 from coordinator.store.scripts import CHECK
 
 from .procs import emit
 
 
 async def many(url: str, namespace: str, instance_id: str, count: int) -> None:
-    redis = create_redis(url)
+    redis = create_client(url)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     electors = [
@@ -45,7 +45,7 @@ async def many(url: str, namespace: str, instance_id: str, count: int) -> None:
 
 async def main(url: str, namespace: str, instance_id: str) -> None:
     settings = CoordinatorSettings(redis_url=url, namespace=namespace, instance_id=instance_id)
-    redis = create_redis(url)
+    redis = create_client(url)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     last: list[Term] = []
