@@ -1,9 +1,20 @@
-"""Small statistics shared by the benchmarks."""
+"""Small statistics and machine facts shared by the benchmarks."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
+from pathlib import Path
+
+
+def cpu_model(unknown: str = "unknown") -> str:
+    """The CPU's model name from ``/proc/cpuinfo``, or ``unknown`` where there is none."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return unknown
 
 
 def percentile(values: list[float], q: float) -> float:

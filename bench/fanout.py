@@ -94,6 +94,8 @@ from coordinator.testing.servers import die_with_parent
 from tests.support.app_cluster import HOST, WORKER_HEALTHCHECK_S, AppCluster
 from tests.support.procs import ROOT
 
+from ._stats import cpu_model
+
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
 LOAD_SCRIPT = HERE / "sse_load.mjs"
@@ -141,12 +143,7 @@ def _version(argv: list[str]) -> str:
 def hardware() -> dict[str, Any]:
     import uvicorn
 
-    model = "?"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+    model = cpu_model("?")
     redis_version = _version([shutil.which("redis-server") or "redis-server", "--version"])
     return {
         "cpu": model,

@@ -58,7 +58,7 @@ from typing import Any
 import psutil
 import redis as redis_sync
 
-from ._stats import summarize
+from ._stats import cpu_model, summarize
 from .fleet import cpu_seconds, finish, spawn, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -387,12 +387,7 @@ def verdict(row: dict[str, Any], cores: int, inflight: int) -> str:
 
 
 def hardware() -> dict[str, Any]:
-    model = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+    model = cpu_model()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
         "nproc": cores or 1,
