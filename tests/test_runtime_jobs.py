@@ -331,6 +331,71 @@ async def test_recent_past_run_date_runs_at_once(make: Make) -> None:
     await async_wait_until(lambda: len(calls) == 2, 5, message="a date job without run_date")
 
 
+@pytest.mark.parametrize("added_again", [False, True], ids=["handed-back", "id-reused"])
+async def test_a_date_fire_claimed_by_a_leader_that_lost_its_term_is_handed_back(
+    make: Make, redis_client: Redis, namespace: str, added_again: bool
+) -> None:
+    """The leader claims a date job's fire, then loses its term before starting it (a
+    pause past the lease, forced here right after the claim): the fire is not lost but
+    handed back, and the next leader runs it once. If the id was added again in
+    between, the newer job stands (it runs at its own time) and the claimed fire is
+    recorded ``cancelled``."""
+    calls: list[tuple[Any, ...]] = []
+    first = make("first", calls)
+    second = make("second", calls)
+    await first.start()
+    await leader_of(first)
+    await second.start()
+    runner = first._runner
+    claim_once = runner._claim_once
+    later = datetime.now(UTC) + timedelta(milliseconds=800)
+
+    async def claim_then_lose_the_term(*args: Any, **kwargs: Any) -> int:
+        code = await claim_once(*args, **kwargs)
+        if code == 1 and args[1] == "r":
+            if added_again:
+                await second.runtime.add_job(
+                    "note", {"type": "date", "run_date": iso(later)}, id="r", kwargs={"text": "2"}
+                )
+            runner.revoke()  # what the elector's loss does: no fire starts in this term
+        return code
+
+    runner._claim_once = claim_then_lose_the_term  # type: ignore[method-assign]
+    soon = datetime.now(UTC) + timedelta(milliseconds=200)
+    await second.runtime.add_job(
+        "note", {"type": "date", "run_date": iso(soon)}, id="r", kwargs={"text": "1"}
+    )
+    await async_wait_until(
+        lambda: runner.stats.handed_back + runner.stats.cancelled, 5, message="claimed, unstarted"
+    )
+    assert calls == []
+    await first.stop(timeout=2)
+    await leader_of(second)
+    want = ["2"] if added_again else ["1"]
+    await async_wait_until(lambda: [c[4] for c in calls] == want, 10, message="the run")
+    (job_id, scheduled, _token, instance, _text) = calls[0]
+    assert (job_id, instance) == ("r", "second")
+    assert abs((scheduled - (later if added_again else soon)).total_seconds()) < 0.002
+
+    async def statuses() -> list[tuple[str, str]]:
+        records = await history(redis_client, namespace)
+        return sorted((r.instance_id, r.status) for r in records if r.job_id == "r")
+
+    async def recorded() -> bool:
+        return ("second", "ok") in await statuses()
+
+    await async_wait_until(recorded, 5, message="the run's record")
+    if added_again:
+        assert (runner.stats.handed_back, runner.stats.cancelled) == (0, 1)
+        assert await statuses() == [("first", "cancelled"), ("second", "ok")]
+    else:
+        assert (runner.stats.handed_back, runner.stats.cancelled) == (1, 0)
+        assert await statuses() == [("second", "ok")]
+    assert await second.list_jobs() == []
+    await asyncio.sleep(0.3)  # nothing more may come (a second run would be a bug)
+    assert len(calls) == 1
+
+
 async def test_claim_refuses_paused_and_takes_a_date_job_once(
     redis_client: Redis, namespace: str
 ) -> None:

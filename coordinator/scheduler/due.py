@@ -22,6 +22,12 @@ Guarantees:
   process held.
 - **Cost does not grow with pending jobs.** A new leader starts firing after one
   read (nothing to load); memory is O(jobs due within the lookahead).
+- **A claimed fire that never started is handed back.** When the leader loses its
+  term between the claim and the start (paused past its lease), the definition and
+  due entry are put back (:meth:`coordinator.scheduler.runtime.RuntimeJobs.hand_back`)
+  and the next leader runs the fire within its grace or records it ``missed``. If
+  the id was added again meanwhile, the newer job stands and this fire is recorded
+  ``cancelled``.
 - **Late fires follow the misfire rule.** Entries that fell due while there was no
   leader are read first (oldest first) and run when within their
   ``misfire_grace_time``, or are recorded ``missed``; either way they leave.
@@ -38,9 +44,10 @@ Limits, said plainly:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -116,12 +123,14 @@ class DueDates:
         runner: FireRunner,
         tasks: TaskRegistry,
         default_grace: int,
+        hand_back: Callable[[RuntimeJob], Awaitable[bool]],
     ) -> None:
         self._redis = redis
         self._keys = keys
         self._runner = runner
         self._tasks = tasks
         self._default_grace = default_grace
+        self._hand_back = hand_back
         self._held: dict[str, tuple[RuntimeJob, asyncio.TimerHandle]] = {}
         self._claiming: dict[str, int] = {}
         """Fires handed to the runner whose claim is not decided yet, by job id."""
@@ -210,6 +219,7 @@ class DueDates:
         assert job.due_ms is not None
         target = runnable(job, self._tasks, self._default_grace)
         target.final_rev = job.rev
+        target.hand_back = functools.partial(self._hand_back, job)
         self._claiming[job_id] = self._claiming.get(job_id, 0) + 1
 
         def decided() -> None:

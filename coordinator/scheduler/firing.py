@@ -48,7 +48,10 @@ Limits, said plainly:
   claimed yet, which would then be refused. It has a record of its own (a run
   request, taken by ``claim_run``; see :mod:`coordinator.scheduler.follower`).
 - The claim also refuses the fires of a paused job (``PAUSED``), and removes a
-  runtime date job's definition with its one fire.
+  runtime date job's definition with its one fire. If the term is lost between
+  that claim and the start, the date job is handed back for the next leader
+  (``job.hand_back``, see :mod:`coordinator.scheduler.due`); any other job's fire
+  is then recorded ``cancelled``: its claim record only moves forward.
 
 Bursts and transient Redis errors:
 
@@ -158,6 +161,9 @@ class FireStats:
     """Claims and history writes sent again after a Redis error."""
     abandoned: int = 0
     """Fires given up unclaimed because the term was lost while Redis failed."""
+    handed_back: int = 0
+    """Runtime date-job fires claimed, then handed back unstarted: the term was lost
+    in between (the next leader runs them)."""
     missed: int = 0
     cancelled: int = 0
     errors: int = 0
@@ -545,6 +551,12 @@ class FireRunner:
         # Not current(): a scheduler that is stopping claims nothing new, but a fire
         # claimed while its lease still held runs (stop() drains it before releasing).
         if not self.holds(term):
+            hand_back = getattr(job, "hand_back", None)
+            handed = hand_back is not None and await asyncio.shield(
+                self._hand_back(job.id, t, hand_back)
+            )
+            if handed:
+                return None
             await self._record(
                 job.id,
                 t,
@@ -611,6 +623,45 @@ class FireRunner:
             self.running.pop(key, None)
         await self._record(job.id, t, term, "ok", started, None, ctx.lost_leadership.is_set())
         return JobExecutionEvent(EVENT_JOB_EXECUTED, job.id, "default", t, retval=retval)
+
+    async def _hand_back(
+        self, job_id: str, t: datetime, hand_back: Callable[[], Awaitable[bool]]
+    ) -> bool:
+        """Give back a runtime date job's claimed, unstarted fire (see
+        :meth:`coordinator.scheduler.runtime.RuntimeJobs.hand_back`); True if it went
+        back. A Redis error is retried a few times, then logged at ERROR: the fire is
+        then recorded ``cancelled`` (if Redis lets it), as any other job's would be."""
+        delay = RETRY_MIN_S
+        for attempt in range(5):
+            try:
+                async with self._slots:
+                    back = await hand_back()
+            except REDIS_UNREACHABLE as exc:
+                if attempt == 4:
+                    logger.error(
+                        "%s: leadership lost between claim and start of %r at %s, and the "
+                        "fire could not be handed back (%r): it will not run",
+                        self.instance_id,
+                        job_id,
+                        t,
+                        exc,
+                    )
+                    return False
+                self.stats.claim_retries += 1
+                await asyncio.sleep(delay)
+                delay = min(RETRY_MAX_S, delay * 2)
+                continue
+            if back:
+                self.stats.handed_back += 1
+                logger.warning(
+                    "%s: leadership lost between claim and start of %r at %s; "
+                    "handed the fire back to the next leader",
+                    self.instance_id,
+                    job_id,
+                    t,
+                )
+            return back
+        return False
 
     async def _record(
         self,

@@ -103,6 +103,7 @@ class RuntimeFollower:
             scheduler._runner,
             self._runtime.tasks,
             self._runtime.default_grace,
+            self._runtime.hand_back,
         )
         """Runtime date jobs due within the next seconds, with their timers."""
         self.paused: set[str] = set()

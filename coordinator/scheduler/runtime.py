@@ -89,6 +89,8 @@ MAX_RUNTIME_JOBS = 1_000_000
 """Default most runtime jobs one namespace may hold."""
 MAX_ARGS_BYTES = 16 * 1024
 """Default most bytes of a runtime job's ``args`` and ``kwargs``, as JSON."""
+HAND_BACK_LIMIT = 2**53
+"""The job limit a hand-back passes: none (see :meth:`RuntimeJobs.hand_back`)."""
 RESERVED_IDS = frozenset({"runs"})
 """Ids a runtime job cannot take (``GET /api/jobs/runs`` is the run history)."""
 
@@ -365,8 +367,31 @@ class RuntimeJobs:
             raise JobLookupError(job_id)
         return {"job_id": job_id, "scheduled_at": ms_to_iso(now_ms)}
 
+    async def hand_back(self, job: RuntimeJob) -> bool:
+        """Put back a date job whose fire was claimed but never started (its leader lost
+        the term in between): the definition and its due entry return as they were, with
+        a change notice, so the next leader runs the fire within its grace or records it
+        ``missed``. Not counted against ``max_runtime_jobs`` (it held a place already).
+
+        Returns False, changing nothing, when the id was added again meanwhile: the
+        newer job stands and this fire is over. Raises ``redis`` errors."""
+        assert job.due_ms is not None, "only a date job's fire can be handed back"
+        code = await self._change(
+            "add", job.id, job.to_json(), due_ms=str(job.due_ms), limit=HAND_BACK_LIMIT
+        )
+        if code == -1:  # taken: by a newer job, or by this one (a retry after a lost reply)
+            current = await self.definition(job.id)
+            return current is not None and current.rev == job.rev
+        return code == 1
+
     async def _change(
-        self, op: str, job_id: str, payload: str = "", request_id: str = "", due_ms: str = ""
+        self,
+        op: str,
+        job_id: str,
+        payload: str = "",
+        request_id: str = "",
+        due_ms: str = "",
+        limit: int | None = None,
     ) -> int:
         keys = self._keys
         reply = await JOB_CHANGE(
@@ -385,7 +410,7 @@ class RuntimeJobs:
                 keys.job_changes(),
                 "1" if job_id in self._code_jobs() else "0",
                 request_id,
-                self.max_runtime_jobs,
+                self.max_runtime_jobs if limit is None else limit,
                 due_ms,
             ],
         )

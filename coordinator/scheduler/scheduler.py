@@ -61,8 +61,11 @@ Limits:
   stops it from running anywhere else).
 - A fire claimed just before its leader is paused past its lease runs nowhere:
   the leader wakes up to a term that is over and records the fire
-  ``cancelled`` ("leadership lost between claim and start"). A graceful stop
-  runs the fires it already claimed (``stop()`` drains them before releasing).
+  ``cancelled`` ("leadership lost between claim and start"). A runtime date
+  job's fire is the exception: it is handed back, and the next leader runs it
+  within its grace or records it ``missed`` (a recurring job's claim record only
+  moves forward, so its fire cannot be). A graceful stop runs the fires it
+  already claimed (``stop()`` drains them before releasing).
 """
 
 from __future__ import annotations

@@ -78,8 +78,8 @@ class Driver:
         self.stopped.add(job)
 
 
-def settled(c: NodeCluster, url: str, namespace: str, jobs: list[str]) -> bool:
-    """Every date job has started or been recorded missed."""
+def unsettled(c: NodeCluster, url: str, namespace: str, jobs: list[str]) -> list[str]:
+    """The date jobs that have neither started nor been recorded missed."""
     started = {e["job"] for e in c.starts()}
     client = redis_sync.Redis.from_url(url, socket_timeout=5)
     try:
@@ -87,7 +87,27 @@ def settled(c: NodeCluster, url: str, namespace: str, jobs: list[str]) -> bool:
     finally:
         client.close()
     missed = {r["job_id"] for r in runs if r["status"] == "missed"}
-    return all(j in started or j in missed for j in jobs)
+    return [j for j in jobs if j not in started and j not in missed]
+
+
+def job_state(url: str, namespace: str, jobs: list[str], ops: list[dict[str, Any]]) -> str:
+    """What Redis and the driver know of ``jobs``: for a failure message."""
+    keys = Keys(namespace)
+    client = redis_sync.Redis.from_url(url, socket_timeout=5, decode_responses=True)
+    try:
+        lines = []
+        for job in jobs:
+            definition = client.hget(keys.runtime_jobs(), job)
+            due = client.zscore(keys.due_dates(), job)
+            runs = [r for r in client.lrange(keys.runs(), 0, -1) if f'"{job}"' in r]
+            added = [o for o in ops if o["job"] == job]
+            lines.append(
+                f"{job}: ops={added} definition={definition} due_index={due} runs={runs} "
+                f"now_ms={round(time.time() * 1000)}"
+            )
+        return "\n".join(lines)
+    finally:
+        client.close()
 
 
 async def test_runtime_jobs_under_sigkill_and_sigstop(
@@ -135,13 +155,18 @@ async def test_runtime_jobs_under_sigkill_and_sigstop(
                 await faulting
             await asyncio.to_thread(c.wait_ticks, 3)
             due = [j for j in d.date_jobs if j not in d.stopped]
-            await asyncio.to_thread(
-                wait_for,
-                lambda: settled(c, redis_server.url, namespace, due),
-                LONG_GRACE + FAILOVER_LIMIT_S,
-                "every date job run or recorded missed",
-                c.all,
-            )
+            try:
+                await asyncio.to_thread(
+                    wait_for,
+                    lambda: not unsettled(c, redis_server.url, namespace, due),
+                    LONG_GRACE + FAILOVER_LIMIT_S,
+                    "every date job run or recorded missed",
+                    c.all,
+                )
+            except AssertionError as timeout:
+                left = unsettled(c, redis_server.url, namespace, due)
+                state = job_state(redis_server.url, namespace, left, d.ops)
+                raise AssertionError(f"never settled:\n{state}\n{timeout}") from None
             jobs = (await http.get("/api/jobs")).json()
             listed = [j["id"] for j in jobs if j["source"] == "runtime"]
     finally:
