@@ -14,7 +14,8 @@
 - :class:`CoordinatorSettings`: every setting, validated, from the environment;
   :func:`create_redis`: the async Redis client for a URL (TLS, unix, Sentinel).
   :func:`create_client`: the same, or a ``RedisCluster`` for a ``redis+cluster://``
-  URL (for :class:`EventRelay` and :class:`LeaderElector`, which run on Cluster).
+  URL (for :class:`EventRelay`, :class:`LeaderElector` and :class:`LeaderScheduler`,
+  which run on Cluster).
 
 Importing this package changes nothing in the process: no environment variable
 is set, no file or directory is created. The web layer (FastAPI, sse-starlette,

@@ -5,15 +5,17 @@ owned by one test, killable; ``redis_client``)."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from redis.asyncio import Redis
 
-from coordinator.store.connection import cluster_unsupported_reason
+from coordinator.store.connection import cluster_unsupported_reason, create_client
 from coordinator.testing import DockerRedisServer, RedisServer
 from coordinator.testing.servers import binary_only_reason
 from coordinator.testing.topologies import RedisClusterServers, SentinelCluster
+
+from .support.topology import Topology
 
 pytest_plugins = ["coordinator.testing.plugin"]
 
@@ -94,3 +96,11 @@ def topology_url(request: pytest.FixtureRequest) -> str:
     name = {"single": "redis_url", "sentinel": "sentinel_url", "cluster": "cluster_url"}
     url: str = request.getfixturevalue(name[request.param])
     return url
+
+
+@pytest.fixture
+async def topology(topology_url: str) -> AsyncIterator[Topology]:
+    """A client of :func:`topology_url` (see ``tests/support/topology.py``)."""
+    client = create_client(topology_url)
+    yield Topology(topology_url, client)
+    await client.aclose()

@@ -10,17 +10,16 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 
 import pytest
 from redis.asyncio import Redis
-from redis.asyncio.cluster import RedisCluster
 
 from coordinator import CoordinatorSettings, LeaderElector, create_client, create_redis
 from coordinator.election.lease import parse_lease
 from coordinator.testing import async_wait_until, owned_redis
 
 from .support.timing import FAST
+from .support.topology import Topology
 
 
 class Recorder:
@@ -39,44 +38,6 @@ class Recorder:
 
 
 Make = Callable[..., tuple[LeaderElector, Recorder]]
-
-
-@dataclass
-class Topology:
-    """One Redis of the contract suite: its URL and a client of it (a RedisCluster on
-    Cluster)."""
-
-    url: str
-    client: Redis | RedisCluster
-
-    async def kill_client(self, client_id: int, key: str) -> None:
-        """CLIENT KILL on the node that holds ``key`` (connection ids are per node)."""
-        if isinstance(self.client, RedisCluster):
-            node = self.client.get_node_from_key(key)
-            await self.client.execute_command("CLIENT", "KILL", "ID", client_id, target_nodes=node)
-        else:
-            await self.client.client_kill_filter(_id=client_id)
-
-    async def listeners(self, channel: str) -> int:
-        """Pub/Sub subscribers of ``channel``, over every node on Cluster (classic
-        Pub/Sub subscriptions are per node)."""
-        if isinstance(self.client, RedisCluster):
-            total = 0
-            for node in self.client.get_nodes():
-                reply = await self.client.execute_command(
-                    "PUBSUB", "NUMSUB", channel, target_nodes=node
-                )
-                total += int(reply[1])
-            return total
-        return int((await self.client.pubsub_numsub(channel))[0][1])
-
-
-@pytest.fixture
-async def topology(topology_url: str) -> AsyncIterator[Topology]:
-    """The election contract tests run once per topology: one node, Sentinel, Cluster."""
-    client = create_client(topology_url)
-    yield Topology(topology_url, client)
-    await client.aclose()
 
 
 @pytest.fixture

@@ -14,7 +14,14 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from coordinator import CoordinatorSettings, JobContext, Keys, LeaderScheduler, RunRecord
+from coordinator import (
+    CoordinatorSettings,
+    JobContext,
+    Keys,
+    LeaderScheduler,
+    RunRecord,
+    create_client,
+)
 from coordinator.errors import (
     ConflictingIdError,
     DeclaredJobError,
@@ -29,6 +36,7 @@ from coordinator.store.scripts import CLAIM_FIRE, DUE_PRUNE
 from coordinator.testing import async_wait_until
 
 from .support.timing import FAST
+from .support.topology import Topology, url_of
 
 Make = Callable[..., LeaderScheduler]
 
@@ -38,16 +46,22 @@ def iso(dt: datetime) -> str:
 
 
 @pytest.fixture
-async def make(namespace: str, redis_client: Redis) -> AsyncIterator[Make]:
-    """Schedulers on the shared Redis with fast timings, each with the task ``note``,
-    which appends (job id, scheduled time, token, instance, kwargs) to ``calls``."""
+async def make(namespace: str, request: pytest.FixtureRequest) -> AsyncIterator[Make]:
+    """Schedulers with fast timings, each with the task ``note``, which appends (job
+    id, scheduled time, token, instance, kwargs) to ``calls``: on the test's
+    ``topology`` when it asks for one (one node, Sentinel, Cluster), else on the
+    shared Redis."""
     made: list[LeaderScheduler] = []
+    address, url = url_of(request)
+    redis = create_client(address)
 
     def build(instance_id: str, calls: list[tuple[Any, ...]] | None = None, **kw: Any) -> Any:
         settings = CoordinatorSettings(
-            namespace=namespace, instance_id=instance_id, **{**FAST, **kw.pop("settings", {})}
+            namespace=namespace,
+            instance_id=instance_id,
+            **{**FAST, **url, **kw.pop("settings", {})},
         )
-        scheduler = LeaderScheduler(redis_client, settings, **kw)
+        scheduler = LeaderScheduler(redis, settings, **kw)
         sink = calls if calls is not None else []
 
         @scheduler.task("note")
@@ -64,6 +78,7 @@ async def make(namespace: str, redis_client: Redis) -> AsyncIterator[Make]:
     yield build
     for scheduler in made:
         await scheduler.stop(timeout=2)
+    await redis.aclose()
 
 
 async def leader_of(*schedulers: LeaderScheduler, timeout: float = 10) -> LeaderScheduler:
@@ -81,8 +96,9 @@ async def history(redis: Redis, namespace: str) -> list[RunRecord]:
 
 
 async def test_date_job_added_on_api_process_runs_once_on_leader_and_leaves(
-    make: Make, redis_client: Redis, namespace: str
+    make: Make, topology: Topology, namespace: str
 ) -> None:
+    redis_client = topology.client
     calls: list[tuple[Any, ...]] = []
     leader = make("leader", calls)
     api = make("api", settings={"role": "api"})
@@ -118,8 +134,9 @@ async def test_date_job_added_on_api_process_runs_once_on_leader_and_leaves(
 
 
 async def test_interval_pause_resume_keeps_phase_run_now_and_remove(
-    make: Make, redis_client: Redis, namespace: str
+    make: Make, topology: Topology, namespace: str
 ) -> None:
+    redis_client = topology.client
     calls: list[tuple[Any, ...]] = []
     leader = make("leader", calls)
     api = make("api", settings={"role": "api"})
@@ -167,7 +184,7 @@ async def test_interval_pause_resume_keeps_phase_run_now_and_remove(
 
 
 async def test_pause_of_code_job_is_cluster_wide_and_survives_failover(
-    make: Make, namespace: str
+    make: Make, topology: Topology, namespace: str
 ) -> None:
     calls: list[str] = []
     first, second = make("first"), make("second")
@@ -223,8 +240,9 @@ async def test_full_restart_keeps_runtime_jobs_and_paused_state(make: Make) -> N
 
 
 async def test_run_request_waiting_for_a_leader_runs_once_when_one_is_elected(
-    make: Make, redis_client: Redis, namespace: str
+    make: Make, topology: Topology, namespace: str
 ) -> None:
+    redis_client = topology.client
     calls: list[tuple[Any, ...]] = []
     api = make("api", settings={"role": "api"})
     await api.start()
@@ -333,8 +351,9 @@ async def test_recent_past_run_date_runs_at_once(make: Make) -> None:
 
 @pytest.mark.parametrize("added_again", [False, True], ids=["handed-back", "id-reused"])
 async def test_a_date_fire_claimed_by_a_leader_that_lost_its_term_is_handed_back(
-    make: Make, redis_client: Redis, namespace: str, added_again: bool
+    make: Make, topology: Topology, namespace: str, added_again: bool
 ) -> None:
+    redis_client = topology.client
     """The leader claims a date job's fire, then loses its term before starting it (a
     pause past the lease, forced here right after the claim): the fire is not lost but
     handed back, and the next leader runs it once. If the id was added again in

@@ -29,6 +29,7 @@ from coordinator import (
     LeaderScheduler,
     OnceFailedError,
     RunRecord,
+    create_client,
     create_redis,
     run_once,
 )
@@ -39,26 +40,32 @@ from coordinator.store.scripts import CLAIM_FIRE
 from coordinator.testing import DockerRedisServer, RedisServer, async_wait_until
 
 from .support.timing import FAST
+from .support.topology import Topology, url_of
 
 Make = Callable[..., LeaderScheduler]
 
 
 @pytest.fixture
-async def make(namespace: str, redis_client: Redis) -> AsyncIterator[Make]:
-    """Build schedulers on the shared Redis with fast timings; stopped after the test."""
+async def make(namespace: str, request: pytest.FixtureRequest) -> AsyncIterator[Make]:
+    """Build schedulers with fast timings, stopped after the test: on the test's
+    ``topology`` when it asks for one (the contract tests run on one node, Sentinel
+    and Cluster), else on the shared Redis."""
     made: list[LeaderScheduler] = []
+    address, url = url_of(request)
+    redis = create_client(address)
 
     def build(instance_id: str, **overrides: Any) -> LeaderScheduler:
         settings = CoordinatorSettings(
-            namespace=namespace, instance_id=instance_id, **{**FAST, **overrides}
+            namespace=namespace, instance_id=instance_id, **{**FAST, **url, **overrides}
         )
-        scheduler = LeaderScheduler(redis_client, settings)
+        scheduler = LeaderScheduler(redis, settings)
         made.append(scheduler)
         return scheduler
 
     yield build
     for scheduler in made:
         await scheduler.stop(timeout=2)
+    await redis.aclose()
 
 
 async def runs(redis: Redis, namespace: str) -> list[RunRecord]:
@@ -129,8 +136,9 @@ async def test_fire_claims_keep_constant_keys_per_job(redis_client: Redis, names
 
 # -- jobs, triggers, context, history -------------------------------------------------------------
 async def test_triggers_sync_async_errors_once_each(
-    make: Make, redis_client: Redis, namespace: str
+    make: Make, topology: Topology, namespace: str
 ) -> None:
+    redis_client = topology.client
     seen: dict[str, list[JobContext]] = {}
     schedulers = [make("a"), make("b")]
     run_date = datetime.now(UTC) + timedelta(seconds=1.5)
@@ -214,7 +222,8 @@ async def test_add_job_rejects_ids_that_differ_between_processes(make: Make) -> 
 
 
 # -- fencing: a leader whose lease is gone claims nothing ----------------------------------------
-async def test_stale_term_claims_nothing(make: Make, redis_client: Redis, namespace: str) -> None:
+async def test_stale_term_claims_nothing(make: Make, topology: Topology, namespace: str) -> None:
+    redis_client = topology.client
     # Slow renewals: after the lease is taken away the scheduler still believes it
     # leads for up to 4 s, so its claims reach Redis and must be refused there.
     s = make("old", lease_ttl_ms=10_000, renew_interval_ms=4000, renew_deadline_ms=8000)
@@ -239,8 +248,9 @@ async def test_stale_term_claims_nothing(make: Make, redis_client: Redis, namesp
 
 
 async def test_losing_leadership_tells_running_jobs(
-    make: Make, redis_client: Redis, namespace: str
+    make: Make, topology: Topology, namespace: str
 ) -> None:
+    redis_client = topology.client
     s = make("a")
     started: dict[str, JobContext] = {}
     observed: list[bool] = []
@@ -278,8 +288,9 @@ async def _len_is(fetch: Callable[[], Any], n: int) -> bool:
 
 # -- continuity across leaders -------------------------------------------------------------------
 async def test_new_leader_keeps_phase_and_coalesces(
-    make: Make, redis_client: Redis, namespace: str
+    make: Make, topology: Topology, namespace: str
 ) -> None:
+    redis_client = topology.client
     keys = Keys(namespace)
     # A long outage of "digest" (every 1 s, 2 s grace): 30 fires were due meanwhile.
     outage_last = int(time.time() * 1000) - 30_500
@@ -554,8 +565,42 @@ async def test_stop_runs_a_fire_whose_claim_was_in_flight(
         await pauser.aclose()
 
 
+async def test_claims_with_min_replicas_run_once_a_replica_has_them(
+    make: Make, topology: Topology, namespace: str
+) -> None:
+    """With ``min_replicas=1`` a fire runs only after ``WAIT`` confirms its claim on a
+    replica: on Sentinel and Cluster (there through the slot's primary, on the
+    connection that ran the claim) fires run; on one node with no replica the claims
+    are written but never confirmed, so nothing runs."""
+    s = make("a", min_replicas=1, replica_timeout_ms=300)
+    s.add_job(lambda: None, "interval", id="tick", seconds=0.1)
+    await s.start()
+    await leader_of(s)
+    last_fire = Keys(namespace).last_fire()
+    if topology.url.startswith("redis://"):
+        await async_wait_until(
+            lambda: topology.client.hget(last_fire, "tick"), 10, message="a claim written"
+        )
+        await assert_never(lambda: s.stats.ok, seconds=0.5)
+        statuses = {r.status for r in await runs(topology.client, namespace)}
+        assert statuses <= {"missed"}, "only fires skipped while a claim waited"
+    else:
+        await async_wait_until(lambda: s.stats.ok >= 3, 10, message="replicated claims run")
+        history = await runs(topology.client, namespace)
+        assert {r.status for r in history} == {"ok"}
+        keys = [r.scheduled_ms for r in history]
+        assert len(keys) == len(set(keys))
+
+
+def test_a_client_that_does_not_match_the_url_is_refused(redis_client: Redis) -> None:
+    cluster = CoordinatorSettings(redis_url="redis+cluster://127.0.0.1:7000")
+    with pytest.raises(ConfigurationError, match=r"LeaderScheduler.*cluster URL.*create_client"):
+        LeaderScheduler(redis_client, cluster)
+
+
 # -- roles --------------------------------------------------------------------------------------
-async def test_api_role_never_runs_jobs(make: Make, redis_client: Redis, namespace: str) -> None:
+async def test_api_role_never_runs_jobs(make: Make, topology: Topology, namespace: str) -> None:
+    redis_client = topology.client
     api, worker = make("api", role="api"), make("worker", role="worker")
     for s in (api, worker):
         s.add_job(lambda: None, "interval", id="tick", seconds=0.1)
@@ -570,7 +615,8 @@ async def test_api_role_never_runs_jobs(make: Make, redis_client: Redis, namespa
 
 
 # -- run-once in one process ----------------------------------------------------------------------
-async def test_run_once_shares_result_and_failure(redis_client: Redis, namespace: str) -> None:
+async def test_run_once_shares_result_and_failure(topology: Topology, namespace: str) -> None:
+    redis_client = topology.client
     settings = CoordinatorSettings(namespace=namespace, instance_id="me", **FAST)
     calls: list[str] = []
 

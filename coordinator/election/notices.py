@@ -12,11 +12,10 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from redis.asyncio.cluster import RedisCluster
 from redis.backoff import FullJitterBackoff
 
 from coordinator.errors import REDIS_UNREACHABLE
-from coordinator.store.connection import RedisClient, refresh_slot_map
+from coordinator.store.connection import RedisClient, ready_for_pubsub, recover_topology
 
 logger = logging.getLogger("coordinator.election")
 
@@ -41,8 +40,7 @@ async def listen_for_notices(
     while True:
         pubsub = redis.pubsub(ignore_subscribe_messages=True)
         try:
-            if isinstance(redis, RedisCluster):
-                await redis.initialize()  # its Pub/Sub routes by a slot map read here
+            await ready_for_pubsub(redis)
             await pubsub.subscribe(channel)
             failures = 0
             while True:
@@ -53,9 +51,7 @@ async def listen_for_notices(
             logger.debug("%s: notice listener on %s: %s", who, channel, exc)
             await asyncio.sleep(backoff.compute(min(failures, 16)))
             failures += 1
-            if isinstance(redis, RedisCluster):
-                with contextlib.suppress(*REDIS_UNREACHABLE):
-                    await refresh_slot_map(redis)
+            await recover_topology(redis)
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.shield(pubsub.aclose())  # type: ignore[no-untyped-call]

@@ -76,7 +76,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import FullJitterBackoff, NoBackoff
 from redis.exceptions import NoPermissionError
@@ -103,6 +103,7 @@ from coordinator.relay.watchers import ChannelWatcher
 from coordinator.settings import CoordinatorSettings
 from coordinator.store.codec import text
 from coordinator.store.connection import (
+    PrimaryClients,
     check_client_matches,
     create_client,
     create_node_client,
@@ -213,7 +214,7 @@ class EventRelay:
         self._links: dict[str, _Link] = {}  # the listener's connections, by node
         self._link_of: dict[str, _Link] = {}  # where each channel of _sent was subscribed
         self._leaving: dict[str, int] = {}  # our SUNSUBSCRIBEs not yet confirmed
-        self._node_clients: dict[str, Redis] = {}  # Cluster: publish + WAIT on a primary
+        self._primaries = PrimaryClients(self._redis, settings.redis_url)  # publish + WAIT
         self._version_checked = not cluster
         self._version_lock = asyncio.Lock()  # concurrent first publishes check once
         self._subs: dict[str, set[Subscription]] = {}
@@ -258,7 +259,7 @@ class EventRelay:
                 await self._check_cluster_version()
             if replicas:
                 raw, confirmed = await PUBLISH.call_replicated(
-                    await self._primary_client(keys[0]),
+                    await self._primaries.client_for(keys[0]),
                     keys,
                     args,
                     replicas,
@@ -267,8 +268,8 @@ class EventRelay:
             else:
                 raw, confirmed = await PUBLISH(self._redis, keys, args), 0
         except REDIS_UNREACHABLE as exc:
-            if isinstance(self._redis, RedisCluster) and replicas:
-                await self._forget_topology()
+            if replicas:
+                await self._primaries.forget()
             # A script's ACL denial is a plain ResponseError naming no ACL; nothing was
             # written (the script checks first), so say what to change.
             denied = isinstance(exc, NoPermissionError) or "can't run this command" in str(exc)
@@ -319,33 +320,6 @@ class EventRelay:
             if error is not None:
                 raise error
         self._version_checked = True
-
-    async def _primary_client(self, key: str) -> Redis:
-        """The client ``WAIT`` can run on after the publish script: the relay's own
-        client, or on Cluster a plain client of the primary serving ``key``'s slot."""
-        if not isinstance(self._redis, RedisCluster):
-            return self._redis
-        node = self._primary_of(key)
-        client = self._node_clients.get(node.name)
-        if client is None:
-            client = create_node_client(self.settings.redis_url, node.host, int(node.port))
-            self._node_clients[node.name] = client
-        return client
-
-    def _primary_of(self, key: str) -> ClusterNode:
-        """The primary serving ``key``'s slot, as the cluster client knows it."""
-        assert isinstance(self._redis, RedisCluster)
-        node = self._redis.get_node_from_key(key)
-        if node is None:
-            raise ConnectionError(f"no Redis Cluster node serves the slot of {key!r}")
-        return node
-
-    async def _forget_topology(self) -> None:
-        """A publish on a primary's own client failed (the node died, MOVED after a
-        failover or slot move, ...): learn the slot map again for the caller's retry."""
-        assert isinstance(self._redis, RedisCluster)
-        with contextlib.suppress(*REDIS_UNREACHABLE):
-            await refresh_slot_map(self._redis)
 
     # -- subscribing --------------------------------------------------------------
     async def subscribe(
@@ -534,7 +508,7 @@ class EventRelay:
             return {self._links[""]: channels} if channels else {}
         groups: dict[_Link, list[str]] = {}
         for channel in channels:
-            node = self._primary_of(self.keys.channel_events(channel))
+            node = self._primaries.primary_of(self.keys.channel_events(channel))
             link = self._links.get(node.name)
             if link is None:
                 raise ConnectionError(
@@ -637,10 +611,7 @@ class EventRelay:
         if self._listen_redis is not None:
             await self._listen_redis.aclose()
             self._listen_redis = None
-        for client in self._node_clients.values():
-            with contextlib.suppress(Exception):
-                await client.aclose()
-        self._node_clients.clear()
+        await self._primaries.aclose()
         if self._owns_redis:
             await self._redis.aclose()
         self._state = "stopped"

@@ -9,8 +9,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from redis.asyncio import Redis
-
+from coordinator.store.connection import RedisClient
 from coordinator.store.scripts import CHECK
 
 
@@ -42,7 +41,7 @@ class JobContext:
         scheduled_at: datetime,
         fencing_token: int,
         instance_id: str,
-        redis: Redis,
+        redis: RedisClient,
         lease_key: str,
         lease_value: str,
         loop: asyncio.AbstractEventLoop,

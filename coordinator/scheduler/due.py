@@ -51,13 +51,12 @@ from collections.abc import Awaitable, Callable
 from types import SimpleNamespace
 from typing import Any, cast
 
-from redis.asyncio import Redis
-
 from coordinator.clock import ms_to_datetime
 from coordinator.errors import CoordinatorError
 from coordinator.scheduler.firing import FireRunner
 from coordinator.scheduler.runtime import RuntimeJob, TaskRegistry
 from coordinator.store.codec import text
+from coordinator.store.connection import RedisClient
 from coordinator.store.keys import Keys
 from coordinator.store.scripts import DUE_PRUNE
 
@@ -118,7 +117,7 @@ class DueDates:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         keys: Keys,
         runner: FireRunner,
         tasks: TaskRegistry,

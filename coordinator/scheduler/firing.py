@@ -94,7 +94,6 @@ from apscheduler.events import (  # type: ignore[import-untyped]
 )
 from apscheduler.executors.base import BaseExecutor  # type: ignore[import-untyped]
 from apscheduler.util import iscoroutinefunction_partial  # type: ignore[import-untyped]
-from redis.asyncio import Redis
 
 from coordinator.clock import datetime_to_ms, ms_to_datetime
 from coordinator.election.elector import LeaderElector, Term
@@ -102,6 +101,7 @@ from coordinator.errors import REDIS_UNREACHABLE
 from coordinator.scheduler.catchup import Skipped
 from coordinator.scheduler.context import JobContext, wants_ctx
 from coordinator.scheduler.runs import RunHistory, RunRecord, RunStatus
+from coordinator.store.connection import PrimaryClients, RedisClient
 from coordinator.store.keys import Keys
 from coordinator.store.scripts import CLAIM_FIRE
 
@@ -122,7 +122,7 @@ RETRY_MIN_S, RETRY_MAX_S = 0.02, 0.5
 """Backoff between attempts of a claim or history write that failed for a Redis error."""
 
 
-def redis_slots(redis: Redis) -> int:
+def redis_slots(redis: RedisClient) -> int:
     """How many claims and history writes one runner sends at once: a quarter of the
     client's connection pool (the rest is left to the elector, the follower, the API
     and the jobs themselves), at least 1, at most :data:`MAX_REDIS_SLOTS`."""
@@ -178,7 +178,7 @@ class FireRunner:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         elector: LeaderElector,
         history: RunHistory,
         cancel_on_revoke: Callable[[str], bool],
@@ -191,6 +191,8 @@ class FireRunner:
         self._cancel_on_revoke = cancel_on_revoke
         self._turns: dict[str, _Turn] = {}
         self._slots = asyncio.Semaphore(redis_slots(redis))
+        self._primaries = PrimaryClients(redis, elector.settings.redis_url)
+        """Where a claim runs when ``WAIT`` must follow it (on Cluster: the slot's primary)."""
         self.instance_id = elector.instance_id
         self.term: Term | None = None
         self.accepting = False
@@ -238,6 +240,10 @@ class FireRunner:
         if pending:
             await asyncio.wait(pending, timeout=max(0.0, timeout))
         return not any(not t.done() for t in self.tasks)
+
+    async def aclose(self) -> None:
+        """Close the node clients claims opened (on Cluster with ``min_replicas``)."""
+        await self._primaries.aclose()
 
     def spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)
@@ -412,6 +418,8 @@ class FireRunner:
                     finally:
                         self.claiming -= 1
             except REDIS_UNREACHABLE as exc:
+                if self._elector.settings.min_replicas:
+                    await self._primaries.forget()  # on Cluster: the slot may have moved
                 if not self.current(term):
                     self.stats.abandoned += 1
                     logger.error(
@@ -476,7 +484,11 @@ class FireRunner:
             # A claim a failover can undo could run again on the next leader: count
             # it only once a replica has it (the fire is not run otherwise).
             reply, confirmed = await CLAIM_FIRE.call_replicated(
-                self._redis, keys, args, replicas, self._elector.settings.replica_timeout_ms
+                await self._primaries.client_for(self._lease_key),
+                keys,
+                args,
+                replicas,
+                self._elector.settings.replica_timeout_ms,
             )
             if confirmed < replicas:
                 logger.warning(

@@ -57,6 +57,7 @@ from coordinator.scheduler.due import DueDates, missing_task, parse_job, runnabl
 from coordinator.scheduler.runtime import RuntimeJob
 from coordinator.scheduler.triggers import build_trigger, is_final
 from coordinator.store.codec import text
+from coordinator.store.connection import ready_for_pubsub, recover_topology
 from coordinator.store.scripts import CLAIM_RUN, JOBS_INDEX
 from coordinator.tasks import cancel_and_wait
 
@@ -138,6 +139,7 @@ class RuntimeFollower:
         while self._scheduler._runner.holds(term):
             pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             try:
+                await ready_for_pubsub(self._redis)
                 await pubsub.subscribe(self._keys.job_changes())
                 await self.reconcile(term)
                 self.subscribed.set()
@@ -161,6 +163,7 @@ class RuntimeFollower:
                 logger.warning("%s: runtime job notices: %s; resubscribing", who, exc)
                 await asyncio.sleep(backoff.compute(min(failures, 16)))
                 failures += 1
+                await recover_topology(self._redis)
             finally:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(pubsub.aclose())  # type: ignore[no-untyped-call]

@@ -39,11 +39,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from redis.asyncio import Redis
-
 from coordinator.errors import REDIS_UNREACHABLE, ConfigurationError, OnceFailedError
 from coordinator.settings import CoordinatorSettings, check_name
 from coordinator.store.codec import text
+from coordinator.store.connection import RedisClient, ready_for_pubsub
 from coordinator.store.keys import Keys
 from coordinator.store.scripts import ONCE_BEGIN, ONCE_END, ONCE_RENEW
 
@@ -51,7 +50,7 @@ logger = logging.getLogger("coordinator.once")
 
 
 async def run_once(
-    redis: Redis,
+    redis: RedisClient,
     settings: CoordinatorSettings,
     name: str,
     fn: Callable[[], Any],
@@ -85,6 +84,7 @@ async def run_once(
     pubsub = redis.pubsub(ignore_subscribe_messages=True)
     try:
         # Subscribe before the first look, so a finish between the two is not lost.
+        await ready_for_pubsub(redis)
         await pubsub.subscribe(channel)
         while True:
             reply = await ONCE_BEGIN(redis, [key], [me, ttl_ms, int(time.time() * 1000)])
@@ -109,7 +109,7 @@ async def run_once(
 
 
 async def _run(
-    redis: Redis,
+    redis: RedisClient,
     key: str,
     channel: str,
     me: str,
@@ -166,7 +166,7 @@ async def _run(
     return result
 
 
-async def _renew(redis: Redis, key: str, me: str, name: str, ttl_ms: int) -> None:
+async def _renew(redis: RedisClient, key: str, me: str, name: str, ttl_ms: int) -> None:
     while True:
         await asyncio.sleep(ttl_ms / 3000)
         try:

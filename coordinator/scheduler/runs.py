@@ -24,9 +24,8 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from redis.asyncio import Redis
-
 from coordinator.clock import ms_to_iso
+from coordinator.store.connection import RedisClient
 from coordinator.store.keys import Keys
 
 RunStatus = Literal["ok", "error", "missed", "cancelled"]
@@ -76,7 +75,7 @@ class RunHistory:
     ``redis`` is used, not owned (the caller closes it).
     """
 
-    def __init__(self, redis: Redis, keys: Keys, cap: int) -> None:
+    def __init__(self, redis: RedisClient, keys: Keys, cap: int) -> None:
         self._redis = redis
         self._key = keys.runs()
         self.cap = cap

@@ -64,8 +64,6 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from redis.asyncio import Redis
-
 from coordinator.clock import datetime_to_ms, ms_to_datetime, ms_to_iso
 from coordinator.errors import (
     ConflictingIdError,
@@ -80,6 +78,7 @@ from coordinator.scheduler.context import wants_ctx
 from coordinator.scheduler.triggers import build_trigger, is_final, normalize_trigger
 from coordinator.settings import name_error
 from coordinator.store.codec import text
+from coordinator.store.connection import RedisClient
 from coordinator.store.keys import Keys
 from coordinator.store.scripts import JOB_CHANGE
 
@@ -172,7 +171,7 @@ class RuntimeJobs:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         keys: Keys,
         tasks: TaskRegistry,
         code_jobs: CodeJobs,

@@ -81,7 +81,6 @@ from apscheduler.events import EVENT_JOB_MAX_INSTANCES  # type: ignore[import-un
 from apscheduler.jobstores.base import JobLookupError  # type: ignore[import-untyped]
 from apscheduler.schedulers.asyncio import AsyncIOScheduler  # type: ignore[import-untyped]
 from apscheduler.schedulers.base import STATE_RUNNING  # type: ignore[import-untyped]
-from redis.asyncio import Redis
 
 from coordinator.clock import ms_to_datetime, ms_to_iso
 from coordinator.election.elector import LeaderElector
@@ -106,7 +105,11 @@ from coordinator.scheduler.runtime import (
 )
 from coordinator.settings import CoordinatorSettings, check_name
 from coordinator.store.codec import text
-from coordinator.store.connection import create_redis
+from coordinator.store.connection import (
+    RedisClient,
+    check_client_matches,
+    create_client,
+)
 
 logger = logging.getLogger("coordinator.scheduler")
 
@@ -129,6 +132,11 @@ class LeaderScheduler:
     a job; jobs are still listed by :meth:`list_jobs`, and runtime jobs can be
     managed through :attr:`runtime` (the leader applies the changes).
 
+    ``redis`` may be a ``RedisCluster`` from :func:`coordinator.create_client` when
+    ``settings.redis_url`` names that cluster (a mismatch is a ``ConfigurationError``):
+    every scheduler key is in the namespace's slot, and with ``min_replicas`` claims
+    and their ``WAIT`` go to that slot's primary.
+
     ``max_runtime_jobs`` and ``max_runtime_args_bytes`` bound what callers can store
     (:class:`~coordinator.errors.JobLimitError`,
     :class:`~coordinator.errors.JobArgumentsTooLargeError`).
@@ -138,7 +146,7 @@ class LeaderScheduler:
 
     def __init__(
         self,
-        redis: Redis | None = None,
+        redis: RedisClient | None = None,
         settings: CoordinatorSettings | None = None,
         *,
         elector: LeaderElector | None = None,
@@ -149,7 +157,11 @@ class LeaderScheduler:
     ) -> None:
         self.settings = settings or (elector.settings if elector else CoordinatorSettings())
         self._owns_redis = redis is None
-        self.redis: Redis = redis if redis is not None else create_redis(self.settings.redis_url)
+        if redis is not None:
+            check_client_matches("LeaderScheduler", redis, self.settings.redis_url)
+        self.redis: RedisClient = (
+            redis if redis is not None else create_client(self.settings.redis_url)
+        )
         self._owns_elector = elector is None
         self.elector = elector or LeaderElector(self.redis, self.settings)
         self.keys = self.elector.keys
@@ -338,6 +350,7 @@ class LeaderScheduler:
             await self._runner.drain(1.0)
         if self.apscheduler.running:
             self.apscheduler.shutdown(wait=False)
+        await self._runner.aclose()
         if self._owns_redis:
             await self.redis.aclose()
 

@@ -17,8 +17,8 @@ Supported URLs:
   ``rediss+cluster://`` with the ``ssl_*`` parameters): a Redis Cluster; the hosts are
   seeds, the client learns the rest and follows slot moves and failovers
   (redis-py's ``RedisCluster``). Only :func:`create_client` builds it: in this
-  version the event relay runs on Cluster, the elector, scheduler and shared state
-  do not (:func:`create_redis` says so).
+  version the event relay, the elector and the scheduler run on Cluster; sessions,
+  shared state and the ``Coordinator`` app do not (:func:`create_redis` says so).
 
 The client returned owns its connection pool; close it with ``await client.aclose()``.
 
@@ -35,6 +35,7 @@ client cannot wait for a node's connection either).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
@@ -49,7 +50,7 @@ from redis.asyncio.sentinel import (
 )
 from redis.backoff import ExponentialWithJitterBackoff
 
-from coordinator.errors import ConfigurationError
+from coordinator.errors import REDIS_UNREACHABLE, ConfigurationError
 
 _TLS_OPTIONS = (
     "ssl_ca_certs",
@@ -205,6 +206,85 @@ async def refresh_slot_map(cluster: RedisCluster) -> None:
     await cluster.nodes_manager.initialize()
 
 
+async def ready_for_pubsub(redis: RedisClient) -> None:
+    """Call before a classic Pub/Sub subscribe on ``redis``: a cluster client's Pub/Sub
+    picks its node from the slot map, which a client that ran no command yet lacks.
+    Nothing to do off Cluster.
+
+    Raises:
+        RedisClusterException, RedisError: the slot map could not be read.
+    """
+    if isinstance(redis, RedisCluster):
+        await redis.initialize()
+
+
+async def recover_topology(redis: RedisClient) -> None:
+    """Call after a Redis error, before retrying: on Cluster the slot map is read again,
+    so the retry reaches the current primaries (after a failover or a slot migration).
+    Errors are ignored (the retry reports them). Nothing to do off Cluster."""
+    if isinstance(redis, RedisCluster):
+        with contextlib.suppress(*REDIS_UNREACHABLE):
+            await refresh_slot_map(redis)
+
+
+class PrimaryClients:
+    """The client a write must go through when ``WAIT`` follows it on the same
+    connection: ``redis`` itself, or on Cluster a plain client of the primary that
+    serves the key's slot (a cluster client picks a connection per command, so its
+    ``WAIT`` could ask about another connection's writes).
+
+    Node clients are opened on first use, from ``url``'s credentials and TLS, and
+    owned: :meth:`aclose` closes them (``redis`` is not closed). After an error on one,
+    call :meth:`forget`: the slot map is read again, so a retry reaches the slot's
+    current primary (after a failover or a slot migration).
+    """
+
+    def __init__(self, redis: RedisClient, url: str) -> None:
+        self._redis = redis
+        self._url = url
+        self._nodes: dict[str, Redis] = {}
+
+    async def client_for(self, key: str) -> Redis:
+        """The client for a write of ``key`` followed by ``WAIT`` (see class doc).
+
+        Raises:
+            ConnectionError: on Cluster, no node serves ``key``'s slot.
+            RedisClusterException, RedisError: the slot map could not be read.
+        """
+        if not isinstance(self._redis, RedisCluster):
+            return self._redis
+        await self._redis.initialize()  # the first time only: its slot map
+        node = self.primary_of(key)
+        client = self._nodes.get(node.name)
+        if client is None:
+            client = create_node_client(self._url, node.host, int(node.port))
+            self._nodes[node.name] = client
+        return client
+
+    def primary_of(self, key: str) -> ClusterNode:
+        """The primary serving ``key``'s slot, as the cluster client knows it.
+
+        Raises:
+            ConnectionError: no node serves the slot (or ``redis`` is no cluster).
+        """
+        node = self._redis.get_node_from_key(key) if isinstance(self._redis, RedisCluster) else None
+        if node is None:
+            raise ConnectionError(f"no Redis Cluster node serves the slot of {key!r}")
+        return node
+
+    async def forget(self) -> None:
+        """After an error on a node client: read the slot map again (see
+        :func:`recover_topology`)."""
+        await recover_topology(self._redis)
+
+    async def aclose(self) -> None:
+        """Close the node clients opened so far."""
+        nodes, self._nodes = self._nodes, {}
+        for client in nodes.values():
+            with contextlib.suppress(Exception):
+                await client.aclose()
+
+
 CLUSTER_REDIS_PY = (8, 0)
 """The first redis-py whose asyncio Pub/Sub has ``ssubscribe`` (Sharded Pub/Sub)."""
 
@@ -236,9 +316,9 @@ def create_redis(url: str, **overrides: Any) -> Redis:
     if is_cluster_url(url):
         raise ConfigurationError(
             f"Redis URL {redact_url(url)!r} names a Redis Cluster: in this version only the "
-            "event relay (EventRelay) and leader election (LeaderElector) run on Cluster, "
-            "with a client from create_client(url); the Coordinator app, the scheduler, "
-            "sessions and shared state need a single Redis or Sentinel "
+            "event relay (EventRelay), leader election (LeaderElector) and the scheduler "
+            "(LeaderScheduler) run on Cluster, with a client from create_client(url); the "
+            "Coordinator app, sessions and shared state need a single Redis or Sentinel "
             "(redis://, rediss://, unix://, redis+sentinel://)"
         )
     options = _options(url, overrides)
