@@ -349,16 +349,16 @@ async def test_recent_past_run_date_runs_at_once(make: Make) -> None:
     await async_wait_until(lambda: len(calls) == 2, 5, message="a date job without run_date")
 
 
-@pytest.mark.parametrize("added_again", [False, True], ids=["handed-back", "id-reused"])
+@pytest.mark.parametrize("change", ["none", "added-again", "removed"])
 async def test_a_date_fire_claimed_by_a_leader_that_lost_its_term_is_handed_back(
-    make: Make, topology: Topology, namespace: str, added_again: bool
+    make: Make, topology: Topology, namespace: str, change: str
 ) -> None:
-    redis_client = topology.client
     """The leader claims a date job's fire, then loses its term before starting it (a
     pause past the lease, forced here right after the claim): the fire is not lost but
     handed back, and the next leader runs it once. If the id was added again in
-    between, the newer job stands (it runs at its own time) and the claimed fire is
-    recorded ``cancelled``."""
+    between, the newer job stands (it runs at its own time); if it was removed, nothing
+    runs; either way the claimed fire is recorded ``cancelled``."""
+    redis_client = topology.client
     calls: list[tuple[Any, ...]] = []
     first = make("first", calls)
     second = make("second", calls)
@@ -372,17 +372,23 @@ async def test_a_date_fire_claimed_by_a_leader_that_lost_its_term_is_handed_back
     async def claim_then_lose_the_term(*args: Any, **kwargs: Any) -> int:
         code = await claim_once(*args, **kwargs)
         if code == 1 and args[1] == "r":
-            if added_again:
-                await second.runtime.add_job(
-                    "note", {"type": "date", "run_date": iso(later)}, id="r", kwargs={"text": "2"}
-                )
+            if change == "added-again":
+                trigger = {"type": "date", "run_date": iso(later)}
+                await second.runtime.add_job("note", trigger, id="r", kwargs={"text": "2"})
+            elif change == "removed":
+                with pytest.raises(JobLookupError):  # the fire is in flight: no job to remove
+                    await second.runtime.remove_job("r")
             runner.revoke()  # what the elector's loss does: no fire starts in this term
         return code
 
     runner._claim_once = claim_then_lose_the_term  # type: ignore[method-assign]
     soon = datetime.now(UTC) + timedelta(milliseconds=200)
     await second.runtime.add_job(
-        "note", {"type": "date", "run_date": iso(soon)}, id="r", kwargs={"text": "1"}
+        "note",
+        {"type": "date", "run_date": iso(soon)},
+        id="r",
+        kwargs={"text": "1"},
+        misfire_grace_time=30,
     )
     await async_wait_until(
         lambda: runner.stats.handed_back + runner.stats.cancelled, 5, message="claimed, unstarted"
@@ -390,29 +396,95 @@ async def test_a_date_fire_claimed_by_a_leader_that_lost_its_term_is_handed_back
     assert calls == []
     await first.stop(timeout=2)
     await leader_of(second)
-    want = ["2"] if added_again else ["1"]
-    await async_wait_until(lambda: [c[4] for c in calls] == want, 10, message="the run")
-    (job_id, scheduled, _token, instance, _text) = calls[0]
-    assert (job_id, instance) == ("r", "second")
-    assert abs((scheduled - (later if added_again else soon)).total_seconds()) < 0.002
 
     async def statuses() -> list[tuple[str, str]]:
         records = await history(redis_client, namespace)
         return sorted((r.instance_id, r.status) for r in records if r.job_id == "r")
 
+    if change == "removed":
+        await async_wait_until(
+            lambda: second._follower.due.polls >= 2, 5, message="the next leader read the index"
+        )
+        assert calls == [] and await second.list_jobs() == []
+        assert (runner.stats.handed_back, runner.stats.cancelled) == (0, 1)
+        assert await statuses() == [("first", "cancelled")]
+        return
+    want = ["2"] if change == "added-again" else ["1"]
+    await async_wait_until(lambda: [c[4] for c in calls] == want, 10, message="the run")
+    (job_id, scheduled, _token, instance, _text) = calls[0]
+    assert (job_id, instance) == ("r", "second")
+    assert abs((scheduled - (later if want == ["2"] else soon)).total_seconds()) < 0.002
+
     async def recorded() -> bool:
         return ("second", "ok") in await statuses()
 
     await async_wait_until(recorded, 5, message="the run's record")
-    if added_again:
+    if change == "added-again":
         assert (runner.stats.handed_back, runner.stats.cancelled) == (0, 1)
         assert await statuses() == [("first", "cancelled"), ("second", "ok")]
     else:
         assert (runner.stats.handed_back, runner.stats.cancelled) == (1, 0)
         assert await statuses() == [("second", "ok")]
-    assert await second.list_jobs() == []
-    await asyncio.sleep(0.3)  # nothing more may come (a second run would be a bug)
+    assert await second.list_jobs() == [], "a date job that ran leaves; nothing put back"
     assert len(calls) == 1
+
+
+async def test_a_hand_back_is_idempotent_and_refused_after_a_newer_claim(
+    make: Make, redis_client: Redis, namespace: str
+) -> None:
+    """The hand-back script, on its own: a retry (the first reply lost) puts nothing back
+    twice; once the next leader claims the fire again, a late retry of the first
+    leader's hand-back is refused, so the fire cannot run twice; a marker older than
+    its minute, or one the user's change deleted, refuses it too."""
+    api = make("api", settings={"role": "api"})
+    keys = Keys(namespace)
+    lease = keys.lease("scheduler")
+    run_ms = int(time.time() * 1000) + 3_600_000
+    await api.runtime.add_job(
+        "note",
+        {"type": "date", "run_date": iso(datetime.fromtimestamp(run_ms / 1000, UTC))},
+        id="d",
+    )
+    job = await api.runtime.definition("d")
+    assert job is not None and job.due_ms is not None
+
+    async def claim(lease_value: str, marker_ms: int = 60_000) -> int:
+        await redis_client.set(lease, lease_value)
+        all_keys = [lease, keys.last_fire(), keys.runs(), keys.paused_jobs()]
+        all_keys += [keys.runtime_jobs(), keys.due_dates(), keys.job_taken("d")]
+        args = [lease_value, "d", job.due_ms, "run", "", 100, "1", job.rev, marker_ms]
+        return int((await CLAIM_FIRE(redis_client, all_keys, args))[0])
+
+    assert await claim('{"v":1}') == 1
+    assert await api.runtime.definition("d") is None
+    assert await api.runtime.hand_back(job, '{"v":1}') is True
+    assert await api.runtime.hand_back(job, '{"v":1}') is True  # a retry: no second copy
+    assert await redis_client.zcard(keys.due_dates()) == 1
+    assert await claim('{"v":2}') == 1  # the next leader takes it
+    assert await api.runtime.hand_back(job, '{"v":1}') is False  # the late retry
+    assert await api.runtime.definition("d") is None
+    assert await api.runtime.hand_back(job, '{"v":2}') is True  # its own claim's marker
+    await api.runtime.pause_job("d")
+    assert await claim('{"v":3}') == -2  # paused: not claimed
+    await api.runtime.resume_job("d")
+    assert await claim('{"v":3}') == 1
+    with pytest.raises(JobLookupError):
+        await api.runtime.remove_job("d")  # in flight: gone for the user, and not put back
+    assert await api.runtime.hand_back(job, '{"v":3}') is False
+    await api.runtime.add_job(
+        "note",
+        {"type": "date", "run_date": iso(datetime.fromtimestamp(run_ms / 1000, UTC))},
+        id="d",
+    )
+    job = await api.runtime.definition("d")
+    assert job is not None
+    assert await claim('{"v":4}', marker_ms=1) == 1
+
+    async def expired() -> bool:
+        return not await redis_client.exists(keys.job_taken("d"))
+
+    await async_wait_until(expired, 5, message="the marker expired")
+    assert await api.runtime.hand_back(job, '{"v":4}') is False
 
 
 async def test_claim_refuses_paused_and_takes_a_date_job_once(

@@ -587,7 +587,7 @@ async def test_claims_with_min_replicas_run_once_a_replica_has_them(
     else:
         await async_wait_until(lambda: s.stats.ok >= 3, 10, message="replicated claims run")
         history = await runs(topology.client, namespace)
-        assert {r.status for r in history} == {"ok"}
+        assert "ok" in {r.status for r in history} <= {"ok", "missed"}  # late: coalesced
         keys = [r.scheduled_ms for r in history]
         assert len(keys) == len(set(keys))
 

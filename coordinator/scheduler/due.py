@@ -25,9 +25,9 @@ Guarantees:
 - **A claimed fire that never started is handed back.** When the leader loses its
   term between the claim and the start (paused past its lease), the definition and
   due entry are put back (:meth:`coordinator.scheduler.runtime.RuntimeJobs.hand_back`)
-  and the next leader runs the fire within its grace or records it ``missed``. If
-  the id was added again meanwhile, the newer job stands and this fire is recorded
-  ``cancelled``.
+  and the next leader runs the fire within its grace or records it ``missed``. Not
+  if the id was changed meanwhile (added again: the newer job stands; removed or
+  paused: as asked), nor after a minute: the fire is then recorded ``cancelled``.
 - **Late fires follow the misfire rule.** Entries that fell due while there was no
   leader are read first (oldest first) and run when within their
   ``misfire_grace_time``, or are recorded ``missed``; either way they leave.
@@ -122,7 +122,7 @@ class DueDates:
         runner: FireRunner,
         tasks: TaskRegistry,
         default_grace: int,
-        hand_back: Callable[[RuntimeJob], Awaitable[bool]],
+        hand_back: Callable[[RuntimeJob, str], Awaitable[bool]],
     ) -> None:
         self._redis = redis
         self._keys = keys

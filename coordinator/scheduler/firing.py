@@ -94,6 +94,7 @@ from apscheduler.events import (  # type: ignore[import-untyped]
 )
 from apscheduler.executors.base import BaseExecutor  # type: ignore[import-untyped]
 from apscheduler.util import iscoroutinefunction_partial  # type: ignore[import-untyped]
+from redis.asyncio.cluster import RedisCluster
 
 from coordinator.clock import datetime_to_ms, ms_to_datetime
 from coordinator.election.elector import LeaderElector, Term
@@ -119,6 +120,10 @@ MAX_REDIS_SLOTS = 32
 """Upper bound of the Redis calls fires make at the same time (see :func:`redis_slots`)."""
 
 RETRY_MIN_S, RETRY_MAX_S = 0.02, 0.5
+TAKEN_MARKER_MS = 60_000
+"""How long a runtime date job's claimed fire can be handed back (see ``job_taken``)."""
+HAND_BACK_RETRY_S = 10.0
+"""How long a hand-back is retried through Redis errors."""
 """Backoff between attempts of a claim or history write that failed for a Redis error."""
 
 
@@ -126,7 +131,10 @@ def redis_slots(redis: RedisClient) -> int:
     """How many claims and history writes one runner sends at once: a quarter of the
     client's connection pool (the rest is left to the elector, the follower, the API
     and the jobs themselves), at least 1, at most :data:`MAX_REDIS_SLOTS`."""
-    pool_max = getattr(getattr(redis, "connection_pool", None), "max_connections", None)
+    if isinstance(redis, RedisCluster):  # a pool per node, each of this size
+        pool_max = redis.connection_kwargs.get("max_connections")
+    else:
+        pool_max = getattr(getattr(redis, "connection_pool", None), "max_connections", None)
     if not isinstance(pool_max, int) or pool_max <= 0:
         return MAX_REDIS_SLOTS
     return max(1, min(MAX_REDIS_SLOTS, pool_max // 4))
@@ -468,6 +476,7 @@ class FireRunner:
             self._keys.paused_jobs(),
             self._keys.runtime_jobs(),
             self._keys.due_dates(),
+            self._keys.job_taken(job_id),
         ]
         args: list[str | int] = [
             term.lease_value,
@@ -478,6 +487,7 @@ class FireRunner:
             self._history.cap,
             "0" if final_rev is None else "1",
             final_rev or "",
+            TAKEN_MARKER_MS,
         ]
         replicas = self._elector.settings.min_replicas
         if replicas:
@@ -564,11 +574,11 @@ class FireRunner:
         # claimed while its lease still held runs (stop() drains it before releasing).
         if not self.holds(term):
             hand_back = getattr(job, "hand_back", None)
-            handed = hand_back is not None and await asyncio.shield(
-                self._hand_back(job.id, t, hand_back)
-            )
-            if handed:
-                return None
+            if hand_back is not None:
+                # Spawned, so stop()'s drain waits for it even if this task is cancelled.
+                back = self.spawn(self._hand_back(job.id, t, hand_back, term.lease_value))
+                if await asyncio.shield(back):
+                    return None
             await self._record(
                 job.id,
                 t,
@@ -637,19 +647,25 @@ class FireRunner:
         return JobExecutionEvent(EVENT_JOB_EXECUTED, job.id, "default", t, retval=retval)
 
     async def _hand_back(
-        self, job_id: str, t: datetime, hand_back: Callable[[], Awaitable[bool]]
+        self,
+        job_id: str,
+        t: datetime,
+        hand_back: Callable[[str], Awaitable[bool]],
+        lease_value: str,
     ) -> bool:
         """Give back a runtime date job's claimed, unstarted fire (see
         :meth:`coordinator.scheduler.runtime.RuntimeJobs.hand_back`); True if it went
-        back. A Redis error is retried a few times, then logged at ERROR: the fire is
-        then recorded ``cancelled`` (if Redis lets it), as any other job's would be."""
+        back. A Redis error is retried with backoff for up to :data:`HAND_BACK_RETRY_S`
+        (the hand-back is idempotent), then logged at ERROR: the fire is then recorded
+        ``cancelled`` (if Redis lets it), as any other job's would be."""
         delay = RETRY_MIN_S
-        for attempt in range(5):
+        deadline = time.monotonic() + HAND_BACK_RETRY_S
+        while True:
             try:
                 async with self._slots:
-                    back = await hand_back()
+                    back = await hand_back(lease_value)
             except REDIS_UNREACHABLE as exc:
-                if attempt == 4:
+                if time.monotonic() >= deadline:
                     logger.error(
                         "%s: leadership lost between claim and start of %r at %s, and the "
                         "fire could not be handed back (%r): it will not run",
@@ -673,7 +689,6 @@ class FireRunner:
                     t,
                 )
             return back
-        return False
 
     async def _record(
         self,

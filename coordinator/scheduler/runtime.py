@@ -88,8 +88,6 @@ MAX_RUNTIME_JOBS = 1_000_000
 """Default most runtime jobs one namespace may hold."""
 MAX_ARGS_BYTES = 16 * 1024
 """Default most bytes of a runtime job's ``args`` and ``kwargs``, as JSON."""
-HAND_BACK_LIMIT = 2**53
-"""The job limit a hand-back passes: none (see :meth:`RuntimeJobs.hand_back`)."""
 RESERVED_IDS = frozenset({"runs"})
 """Ids a runtime job cannot take (``GET /api/jobs/runs`` is the run history)."""
 
@@ -366,21 +364,26 @@ class RuntimeJobs:
             raise JobLookupError(job_id)
         return {"job_id": job_id, "scheduled_at": ms_to_iso(now_ms)}
 
-    async def hand_back(self, job: RuntimeJob) -> bool:
-        """Put back a date job whose fire was claimed but never started (its leader lost
-        the term in between): the definition and its due entry return as they were, with
-        a change notice, so the next leader runs the fire within its grace or records it
-        ``missed``. Not counted against ``max_runtime_jobs`` (it held a place already).
+    async def hand_back(self, job: RuntimeJob, lease_value: str) -> bool:
+        """Put back a date job whose fire was claimed (under ``lease_value``) but never
+        started, its leader having lost the term in between: the definition and its due
+        entry return as they were, with a change notice, so the next leader runs the fire
+        within its grace or records it ``missed``. Not counted against
+        ``max_runtime_jobs`` (it held a place already).
 
-        Returns False, changing nothing, when the id was added again meanwhile: the
-        newer job stands and this fire is over. Raises ``redis`` errors."""
+        Only while the claim's taken marker (:meth:`Keys.job_taken`) is intact: after any
+        change of the id (added again, removed, paused), a newer claim, or a minute, this
+        returns False and changes nothing (the fire is over). Idempotent: a retry after
+        a lost reply returns True again and puts nothing back twice. Raises ``redis``
+        errors."""
         assert job.due_ms is not None, "only a date job's fire can be handed back"
         code = await self._change(
-            "add", job.id, job.to_json(), due_ms=str(job.due_ms), limit=HAND_BACK_LIMIT
+            "hand_back",
+            job.id,
+            job.to_json(),
+            due_ms=str(job.due_ms),
+            marker=f"{lease_value}|{job.rev}",
         )
-        if code == -1:  # taken: by a newer job, or by this one (a retry after a lost reply)
-            current = await self.definition(job.id)
-            return current is not None and current.rev == job.rev
         return code == 1
 
     async def _change(
@@ -390,7 +393,7 @@ class RuntimeJobs:
         payload: str = "",
         request_id: str = "",
         due_ms: str = "",
-        limit: int | None = None,
+        marker: str = "",
     ) -> int:
         keys = self._keys
         reply = await JOB_CHANGE(
@@ -401,6 +404,7 @@ class RuntimeJobs:
                 keys.run_requests(),
                 keys.due_dates(),
                 keys.recurring_jobs(),
+                keys.job_taken(job_id),
             ],
             [
                 op,
@@ -409,8 +413,9 @@ class RuntimeJobs:
                 keys.job_changes(),
                 "1" if job_id in self._code_jobs() else "0",
                 request_id,
-                self.max_runtime_jobs if limit is None else limit,
+                self.max_runtime_jobs,
                 due_ms,
+                marker,
             ],
         )
         return int(reply[0])

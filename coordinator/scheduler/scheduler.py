@@ -63,8 +63,9 @@ Limits:
   the leader wakes up to a term that is over and records the fire
   ``cancelled`` ("leadership lost between claim and start"). A runtime date
   job's fire is the exception: it is handed back, and the next leader runs it
-  within its grace or records it ``missed`` (a recurring job's claim record only
-  moves forward, so its fire cannot be). A graceful stop runs the fires it
+  within its grace or records it ``missed`` (unless the id changed meanwhile, or
+  the leader woke after a minute; a recurring job's claim record only moves
+  forward, so its fire cannot be handed back). A graceful stop runs the fires it
   already claimed (``stop()`` drains them before releasing).
 """
 

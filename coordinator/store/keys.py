@@ -107,6 +107,12 @@ class Keys:
         holds all of these, and none of the date jobs beyond the next seconds."""
         return f"{self.prefix}jobs-recurring"
 
+    def job_taken(self, job_id: str) -> str:
+        """String, for a minute: ``"<lease value>|<rev>"`` of the claim that took a runtime
+        date job's fire to run it, so that leader can hand the fire back if it never
+        starts it; any change of the id deletes it (see ``job_change.lua``)."""
+        return f"{self.prefix}job-taken:{job_id}"
+
     def jobs_index(self) -> str:
         """String: set once every definition of the namespace is indexed in
         :meth:`due_dates` and :meth:`recurring_jobs` (data from before the index)."""
@@ -138,12 +144,11 @@ class Keys:
 
     def events_channel_of(self, name: bytes) -> str | None:
         """The relay channel whose :meth:`channel_events` is ``name``, else None."""
-        head, tail = self.channel_events("\0").encode("utf-8").split(b"\0")
-        if len(name) <= len(head) + len(tail) or not name.startswith(head):
-            return None
-        if tail and not name.endswith(tail):
-            return None
-        return name[len(head) : len(name) - len(tail)].decode("utf-8", "replace")
+        return _channel_in(self.channel_events("\0"), name)
+
+    def stream_channel_of(self, key: bytes) -> str | None:
+        """The relay channel whose :meth:`stream` is ``key``, else None."""
+        return _channel_in(self.stream("\0"), key)
 
     def _channel_tag(self, channel: str) -> str:
         return "{" + self.namespace + "/" + channel + "}"
@@ -197,3 +202,14 @@ class Keys:
         """Sorted set: one client's open SSE streams on every process, stream id -> expiry
         (ms, server clock); expired members are removed whenever the set is counted."""
         return f"{self.prefix}client-streams:{client}"
+
+
+def _channel_in(template: str, name: bytes) -> str | None:
+    """The channel that ``template`` (a key or channel name made for the channel
+    ``"\\0"``) names in ``name``, else None."""
+    head, tail = template.encode("utf-8").split(b"\0")
+    if len(name) <= len(head) + len(tail) or not name.startswith(head):
+        return None
+    if tail and not name.endswith(tail):
+        return None
+    return name[len(head) : len(name) - len(tail)].decode("utf-8", "replace")

@@ -8,10 +8,13 @@
 -- the revision the leader read (ARGV[8]); the definition goes with it, so a date job fires
 -- once per time it is added and leaves the job list, and leaves no last-fire field behind.
 -- KEYS[1] lease, KEYS[2] last-fire hash, KEYS[3] run history list,
--- optional KEYS[4] paused set, KEYS[5] runtime jobs hash, KEYS[6] due-dates sorted set
+-- optional KEYS[4] paused set, KEYS[5] runtime jobs hash, KEYS[6] due-dates sorted set,
+-- KEYS[7] the date job's taken marker (string: "<lease value>|<rev>", for ARGV[9] ms; a
+-- claim for a run writes it, so its leader can hand the fire back if it never starts it)
 -- ARGV[1] caller's lease value, ARGV[2] job id, ARGV[3] scheduled ms, ARGV[4] "run" or
 -- "missed", ARGV[5] history record (JSON, pushed only for "missed"), ARGV[6] history cap,
--- ARGV[7] '1' when this is a runtime date job's one fire, ARGV[8] its definition's rev.
+-- ARGV[7] '1' when this is a runtime date job's one fire, ARGV[8] its definition's rev,
+-- ARGV[9] how long (ms) the taken marker lasts.
 -- Returns {1} claimed; {0} the caller's lease is not current; {-1, last} the fire is not
 -- later than the last fire claimed for the job (already claimed, or overtaken); {-2} the
 -- job is paused (the pause holds from the moment it is written, whatever the leader knows);
@@ -34,6 +37,9 @@ if ARGV[7] == '1' then
   end
   redis.call('ZREM', KEYS[6], ARGV[2])
   redis.call('HDEL', KEYS[5], ARGV[2])
+  if ARGV[4] == 'run' and KEYS[7] then
+    redis.call('SET', KEYS[7], ARGV[1] .. '|' .. ARGV[8], 'PX', ARGV[9])
+  end
 else
   local last = redis.call('HGET', KEYS[2], ARGV[2])
   if last and tonumber(last) >= tonumber(ARGV[3]) then
