@@ -171,7 +171,7 @@ class CoordinatorSettings(BaseSettings):
         validation_alias=AliasChoices(*_REDIS_URL_NAMES, "redis_url"),
         description=(
             "redis://, rediss:// (TLS), unix:// or redis+sentinel:// URL; redis+cluster:// "
-            'for the event relay alone (see "Redis connections").'
+            '(and rediss+cluster://) for a Redis Cluster (see "Redis connections").'
         ),
     )
     namespace: str = Field(default="coordinator", description="Prefix of every Redis key.")

@@ -151,7 +151,9 @@ def _duration_s(value: str) -> float:
 
 
 @needs_kubectl
-@pytest.mark.parametrize("path", ["k8s", "k8s/base", "k8s/overlays/sentinel"])
+@pytest.mark.parametrize(
+    "path", ["k8s", "k8s/base", "k8s/overlays/sentinel", "k8s/overlays/cluster"]
+)
 def test_kustomize_renders(path: str) -> None:
     kinds = {o["kind"] for o in _kustomize(ROOT / path)}
     assert {"Deployment", "Service", "ConfigMap", "Secret"} <= kinds
@@ -201,7 +203,7 @@ def _fixed_field_objects(node: Any, kind: str, path: tuple[Any, ...] = ()) -> li
     return found
 
 
-@pytest.mark.parametrize("path", ["k8s", "k8s/overlays/sentinel"])
+@pytest.mark.parametrize("path", ["k8s", "k8s/overlays/sentinel", "k8s/overlays/cluster"])
 def test_strict_validation_rejects_an_unknown_field_anywhere(path: str) -> None:
     """kubeconform's -strict, offline: ``strict=True`` picks schemas with
     ``additionalProperties: false`` on every object, so an unknown field at any depth of
@@ -256,15 +258,22 @@ def test_a_manifest_with_a_misspelt_field_fails(tmp_path: Path) -> None:
 
 
 @needs_kubectl
-def test_sentinel_overlay_validates_and_drops_the_single_redis() -> None:
-    objects = _kustomize(K8S / "overlays" / "sentinel")
+@pytest.mark.parametrize("overlay", ["sentinel", "cluster"])
+def test_overlay_validates_and_drops_the_single_redis(overlay: str) -> None:
+    objects = _kustomize(K8S / "overlays" / overlay)
     for obj in objects:
         kubernetes_validate.validate(obj, K8S_VERSIONS[-1], strict=True)
     assert not [o for o in objects if o["metadata"]["name"].startswith("redis")]
     env = _container(_app(objects), "app")["env"]
     url = next(e["value"] for e in env if e["name"] == "REDIS_URL")
-    assert url.startswith("redis+sentinel://")
+    assert url.startswith(f"redis+{overlay}://")
     _check_var_refs_defined_first(env)
+    config = next(o for o in objects if o["kind"] == "ConfigMap")["data"]
+    if overlay == "cluster":  # per-client limits refuse Cluster: they must stay off
+        assert config.get("COORDINATOR_PUBLISH_RATE_PER_CLIENT", "0") == "0"
+        assert config.get("COORDINATOR_SSE_MAX_CONNECTIONS_PER_CLIENT", "0") == "0"
+        parsed = CoordinatorSettings(redis_url=url.replace("$(REDIS_PASSWORD)", "pw"))
+        assert parsed.redis_url.startswith("redis+cluster://")
 
 
 def test_probes_point_at_the_contract_paths(k8s_objects: list[dict[str, Any]]) -> None:
@@ -617,8 +626,9 @@ def test_k8s_and_the_image_agree_on_the_port(
     assert "ENTRYPOINT" not in dict(dockerfile), "_runs assumes the image has no ENTRYPOINT"
     assert _port_disagreements(k8s_objects, image) == []
     if KUBECTL:
-        overlay = _kustomize(K8S / "overlays" / "sentinel")
-        assert _port_disagreements(overlay, image) == []
+        for name in ("sentinel", "cluster"):
+            overlay = _kustomize(K8S / "overlays" / name)
+            assert _port_disagreements(overlay, image) == []
     # The image's own EXPOSE and HEALTHCHECK, too.
     assert dict(dockerfile)["EXPOSE"] == str(image.port)
     assert f"http://127.0.0.1:{image.port}/" in dict(dockerfile)["HEALTHCHECK"]

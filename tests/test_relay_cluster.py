@@ -270,11 +270,16 @@ async def test_cluster_urls_parse_and_what_cannot_run_on_cluster_says_so(
         check_redis_url("redis+cluster://127.0.0.1:7000/3")
     with pytest.raises(ConfigurationError, match="needs host:port"):
         check_redis_url("rediss+cluster://127.0.0.1:x")
-    with pytest.raises(ConfigurationError, match="only the event relay") as caught:
+    with pytest.raises(ConfigurationError, match=r"use create_client\(url\)") as caught:
         create_redis(url)
     assert "secret" not in str(caught.value)
-    with pytest.raises(ConfigurationError, match="only the event relay"):
-        Coordinator(settings(url, namespace))
+    limited = settings(url, namespace).model_copy(update={"publish_rate_per_client": 5})
+    with pytest.raises(ConfigurationError, match=r"per-client limits.*set them to 0"):
+        Coordinator(limited)
+    mismatched = create_client(url)
+    with pytest.raises(ConfigurationError, match=r"Coordinator.*not a cluster URL"):
+        Coordinator(settings("redis://127.0.0.1:6379/0", namespace), redis=mismatched)
+    await mismatched.aclose()
     with pytest.raises(ConfigurationError, match="not a cluster URL"):
         EventRelay(settings("redis://127.0.0.1:6379/0", namespace), redis=create_client(url))
     node = create_node_client("rediss+cluster://u:p@127.0.0.1:7000", "127.0.0.1", 7000)

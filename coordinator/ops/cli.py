@@ -21,7 +21,6 @@ import sys
 from typing import Annotated, Any
 
 import typer
-from redis.asyncio import Redis
 
 from coordinator.ops import render
 from coordinator.ops.cli_support import (
@@ -36,6 +35,7 @@ from coordinator.ops.cli_support import (
 from coordinator.ops.jobs_cli import jobs_app
 from coordinator.ops.state_cli import state_app
 from coordinator.ops.worker import WORKER_HELP, worker
+from coordinator.store.connection import RedisClient
 
 app = typer.Typer(
     help="coordinator: leader election, scheduling and event relay over Redis.",
@@ -60,7 +60,7 @@ def status(redis_url: RedisUrl = None, namespace: Namespace = None, json_: AsJso
 
     target = target_settings(redis_url, namespace)
 
-    async def work(redis: Redis) -> dict[str, Any]:
+    async def work(redis: RedisClient) -> dict[str, Any]:
         return {"redis": target.redis, **await cluster_status(redis, target.settings)}
 
     emit(run(target, work), json_, render.status)
@@ -75,7 +75,7 @@ def leader(redis_url: RedisUrl = None, namespace: Namespace = None, json_: AsJso
     target = target_settings(redis_url, namespace)
     conf = target.settings
 
-    async def work(redis: Redis) -> dict[str, Any]:
+    async def work(redis: RedisClient) -> dict[str, Any]:
         info = await read_leader(redis, Keys(conf.namespace), conf.election_name)
         return {"leader": info.as_dict() if info else None}
 
@@ -98,7 +98,7 @@ def publish(
     conf = target.settings
     value = json_or_text(data)
 
-    async def work(redis: Redis) -> str:
+    async def work(redis: RedisClient) -> str:
         return await EventRelay(conf, redis).publish(channel, value, event=event)
 
     emit({"id": run(target, work)}, json_, lambda o: str(o["id"]))
@@ -144,7 +144,7 @@ def runs(
     target = target_settings(redis_url, namespace)
     conf = target.settings
 
-    async def work(redis: Redis) -> list[dict[str, Any]]:
+    async def work(redis: RedisClient) -> list[dict[str, Any]]:
         history = RunHistory(redis, Keys(conf.namespace), conf.job_history)
         return [r.as_dict() for r in await history.recent(limit, job)]
 

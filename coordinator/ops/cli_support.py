@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
 import typer
-from redis.asyncio import Redis
 
 from coordinator.errors import (
     REDIS_UNREACHABLE,
@@ -25,7 +24,7 @@ from coordinator.errors import (
 )
 from coordinator.ops import render
 from coordinator.settings import CoordinatorSettings
-from coordinator.store.connection import create_redis, redact_url
+from coordinator.store.connection import RedisClient, create_client, redact_url
 
 T = TypeVar("T")
 
@@ -91,12 +90,12 @@ def target_settings(redis_url: str | None, namespace: str | None) -> Target:
         raise fail(str(exc), 2) from None
 
 
-def run(target: Target, work: Callable[[Redis], Awaitable[T]]) -> T:
+def run(target: Target, work: Callable[[RedisClient], Awaitable[T]]) -> T:
     """Run ``work(redis)`` with a client for ``target`` once Redis answers a PING;
     errors become one line naming the Redis asked and a non-zero exit."""
 
     async def main() -> T:
-        redis = create_redis(target.settings.redis_url, socket_timeout=10)
+        redis = create_client(target.settings.redis_url, socket_timeout=10)
         try:
             await redis.ping()  # "unreachable" up front, before any work half-starts
             return await work(redis)

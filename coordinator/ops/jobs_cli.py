@@ -16,7 +16,6 @@ import json
 from typing import Annotated, Any
 
 import typer
-from redis.asyncio import Redis
 
 from coordinator.errors import ConfigurationError
 from coordinator.ops.cli_support import (
@@ -31,6 +30,7 @@ from coordinator.ops.cli_support import (
 from coordinator.scheduler.firing import grace_default
 from coordinator.scheduler.runtime import RuntimeJobs, TaskRegistry
 from coordinator.store.codec import text
+from coordinator.store.connection import RedisClient
 from coordinator.store.keys import Keys
 
 jobs_app = typer.Typer(help="Runtime jobs: list, add, pause, resume, run now, remove.")
@@ -46,7 +46,7 @@ AppTarget = Annotated[
 ]
 
 
-def _jobs(redis: Redis, target: Any, app_target: str | None) -> RuntimeJobs:
+def _jobs(redis: RedisClient, target: Any, app_target: str | None) -> RuntimeJobs:
     conf = target.settings
     if app_target:
         from coordinator.ops.worker import load_scheduler_target
@@ -76,7 +76,7 @@ def _jobs(redis: Redis, target: Any, app_target: str | None) -> RuntimeJobs:
     return jobs
 
 
-async def _known_code_ids(redis: Redis, jobs: RuntimeJobs, keys: Keys) -> None:
+async def _known_code_ids(redis: RedisClient, jobs: RuntimeJobs, keys: Keys) -> None:
     """Without --app: ids that fired and are not runtime jobs count as code-declared."""
     known = getattr(jobs, "code_ids", None)
     if known is None:
@@ -101,7 +101,7 @@ def list_(
     """Every job: code-declared (with --app) and runtime."""
     target = target_settings(redis_url, namespace)
 
-    async def work(redis: Redis) -> list[dict[str, Any]]:
+    async def work(redis: RedisClient) -> list[dict[str, Any]]:
         if app_target:
             from coordinator.ops.worker import load_scheduler_target
 
@@ -120,7 +120,7 @@ def list_(
     )
 
 
-async def _code_entries(scheduler: Any, redis: Redis) -> list[dict[str, Any]]:
+async def _code_entries(scheduler: Any, redis: RedisClient) -> list[dict[str, Any]]:
     original = scheduler.redis
     scheduler.redis = redis
     try:
@@ -151,7 +151,7 @@ def add(
     except ValueError as exc:
         raise fail(f"trigger, --args and --kwargs must be JSON: {exc}", 2) from None
 
-    async def work(redis: Redis) -> dict[str, Any]:
+    async def work(redis: RedisClient) -> dict[str, Any]:
         jobs = _jobs(redis, target, app_target)
         return await jobs.add_job(
             task,
@@ -176,7 +176,7 @@ def _change(op: str, help_text: str) -> None:
     ) -> None:
         target = target_settings(redis_url, namespace)
 
-        async def work(redis: Redis) -> Any:
+        async def work(redis: RedisClient) -> Any:
             jobs = _jobs(redis, target, app_target)
             await _known_code_ids(redis, jobs, Keys(target.settings.namespace))
             if op == "pause":

@@ -27,11 +27,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from redis.asyncio import Redis
-
 from coordinator.errors import REDIS_UNREACHABLE
 from coordinator.settings import CoordinatorSettings
 from coordinator.store.codec import text
+from coordinator.store.connection import RedisClient
 from coordinator.store.keys import Keys
 from coordinator.tasks import cancel_and_wait
 
@@ -68,7 +67,7 @@ class InstanceSeen:
 class PresenceHeartbeat:
     """Keeps this instance listed while it runs. ``redis`` is used, not owned."""
 
-    def __init__(self, redis: Redis, settings: CoordinatorSettings) -> None:
+    def __init__(self, redis: RedisClient, settings: CoordinatorSettings) -> None:
         self.settings = settings
         self.keys = Keys(settings.namespace)
         self._redis = redis
@@ -118,7 +117,7 @@ class PresenceHeartbeat:
             await asyncio.sleep(self.settings.presence_interval_s)
 
 
-async def instances_seen(redis: Redis, keys: Keys) -> list[InstanceSeen]:
+async def instances_seen(redis: RedisClient, keys: Keys) -> list[InstanceSeen]:
     """Every instance seen within :data:`RETENTION_S`, most recently seen first."""
     since = int(time.time() * 1000 - RETENTION_S * 1000)
     entries: list[tuple[bytes | str, float]] = list(

@@ -16,7 +16,6 @@ import json
 from typing import Annotated, Any
 
 import typer
-from redis.asyncio import Redis
 
 from coordinator.errors import InvalidStateError
 from coordinator.ops.cli_support import (
@@ -30,6 +29,7 @@ from coordinator.ops.cli_support import (
     target_settings,
 )
 from coordinator.state import values
+from coordinator.store.connection import RedisClient
 from coordinator.store.keys import Keys
 
 state_app = typer.Typer(help="Shared runtime state: list, get, set (compare-and-set).")
@@ -71,7 +71,7 @@ def list_(redis_url: RedisUrl = None, namespace: Namespace = None, json_: AsJson
     """Every key, its version and value (values cut to one line; --json for all)."""
     target = target_settings(redis_url, namespace)
 
-    async def work(redis: Redis) -> dict[str, Any]:
+    async def work(redis: RedisClient) -> dict[str, Any]:
         epoch, raw = await values.read_all(redis, Keys(target.settings.namespace))
         return {"epoch": epoch, "state": _entries(raw)}
 
@@ -92,7 +92,7 @@ def get(
         raise fail(str(exc), 2) from None
     target = target_settings(redis_url, namespace)
 
-    async def work(redis: Redis) -> bytes | None:
+    async def work(redis: RedisClient) -> bytes | None:
         raw = await redis.hget(Keys(target.settings.namespace).state(), key)
         return raw.encode() if isinstance(raw, str) else raw
 
@@ -137,7 +137,7 @@ def set_(
     except InvalidStateError as exc:
         raise fail(str(exc), 2) from None
 
-    async def work(redis: Redis) -> dict[str, Any]:
+    async def work(redis: RedisClient) -> dict[str, Any]:
         number, _ = await values.write(redis, conf, key, encoded, version)
         return {"key": key, "value": json.loads(encoded), "version": number}
 

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from redis.asyncio import Redis
-
 from coordinator.election.lease import read_leader
 from coordinator.ops.presence import instances_seen
 from coordinator.relay.events import parse_event_id
 from coordinator.settings import CoordinatorSettings
 from coordinator.store.codec import text
+from coordinator.store.connection import RedisClient, is_cluster_url
 from coordinator.store.keys import Keys
 
 MAX_CHANNELS = 1000
@@ -25,7 +24,7 @@ MAX_CHANNELS = 1000
 
 
 async def channel_histories(
-    redis: Redis, keys: Keys, limit: int = MAX_CHANNELS
+    redis: RedisClient, keys: Keys, limit: int = MAX_CHANNELS
 ) -> tuple[list[dict[str, Any]], bool]:
     """Channels with a retained history: name, events kept, last event id; sorted by name.
 
@@ -46,18 +45,18 @@ async def channel_histories(
             pipe.xlen(name)
             pipe.xrevrange(name, count=1)
         replies = await pipe.execute()
-    prefix = len(keys.stream(""))
     out = []
     for i, name in enumerate(names):
         size, last = replies[2 * i], replies[2 * i + 1]
         last_id = str(parse_event_id(last[0][0])) if last else None
-        out.append({"channel": name[prefix:], "history": int(size), "last_event_id": last_id})
+        channel = keys.stream_channel_of(name.encode("utf-8")) or name
+        out.append({"channel": channel, "history": int(size), "last_event_id": last_id})
     return out, truncated
 
 
-async def cluster_status(redis: Redis, settings: CoordinatorSettings) -> dict[str, Any]:
+async def cluster_status(redis: RedisClient, settings: CoordinatorSettings) -> dict[str, Any]:
     """Leader (with term and TTL left), instances seen recently, channels and their history."""
-    keys = Keys(settings.namespace)
+    keys = Keys(settings.namespace, sharded=is_cluster_url(settings.redis_url))
     leader = await read_leader(redis, keys, settings.election_name)
     instances = await instances_seen(redis, keys)
     channels, truncated = await channel_histories(redis, keys)

@@ -9,10 +9,9 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
-from redis.asyncio import Redis
-
 from coordinator.relay.relay import EventRelay
 from coordinator.settings import CoordinatorSettings
+from coordinator.store.connection import RedisClient
 from coordinator.tasks import cancel_and_wait
 
 
@@ -40,7 +39,7 @@ def parse_frames(chunk: bytes) -> list[dict[str, Any]]:
 
 async def follow(
     settings: CoordinatorSettings,
-    redis: Redis,
+    redis: RedisClient,
     channel: str,
     last_event_id: str | None,
     count: int,

@@ -61,7 +61,6 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any, Literal, TypeVar
 
-from redis.asyncio import Redis
 from redis.backoff import FullJitterBackoff
 
 from coordinator.errors import RedisUnavailableError, StateConflictError
@@ -70,6 +69,7 @@ from coordinator.settings import CoordinatorSettings
 from coordinator.state import values
 from coordinator.state.values import ChangeMessage, StateChange, StateValue
 from coordinator.state.views import StateWatch, TypedKey
+from coordinator.store.connection import PrimaryClients, RedisClient
 from coordinator.store.keys import Keys
 from coordinator.tasks import cancel_and_wait
 
@@ -94,10 +94,13 @@ class SharedState:
     the state is empty and :attr:`stale`.
     """
 
-    def __init__(self, settings: CoordinatorSettings, redis: Redis, relay: EventRelay) -> None:
+    def __init__(
+        self, settings: CoordinatorSettings, redis: RedisClient, relay: EventRelay
+    ) -> None:
         self.settings = settings
         self.keys = Keys(settings.namespace)
         self._redis = redis
+        self._primaries = PrimaryClients(redis, settings.redis_url)  # min_replicas writes
         self._origin = values.origin_of(settings)
         self._values: dict[str, StateValue] = {}
         self._epoch: str | None = None
@@ -163,7 +166,9 @@ class SharedState:
         if version is not None:
             values.check_version(version)
         encoded = values.encode_value(value, self.settings.state_max_value_bytes)
-        number, epoch = await values.write(self._redis, self.settings, key, encoded, version)
+        number, epoch = await values.write(
+            self._redis, self.settings, key, encoded, version, primaries=self._primaries
+        )
         message = ChangeMessage(epoch, self._origin, key, number, encoded.encode("utf-8"))
         if self._pending is not None:
             self._pending.append(message)  # a reload is under way: it applies it after
@@ -244,6 +249,7 @@ class SharedState:
             self._mark_stale("stopped")
         for watch in list(self._watches):
             watch.close()
+        await self._primaries.aclose()
 
     # -- the relay's ChannelWatcher -----------------------------------------------------
     def subscribed(self) -> None:

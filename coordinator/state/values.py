@@ -17,8 +17,6 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
-from redis.asyncio import Redis
-
 from coordinator.errors import (
     REDIS_UNREACHABLE,
     InvalidStateError,
@@ -28,6 +26,7 @@ from coordinator.errors import (
 )
 from coordinator.settings import CoordinatorSettings, name_error
 from coordinator.store.codec import text
+from coordinator.store.connection import PrimaryClients, RedisClient
 from coordinator.store.keys import Keys
 from coordinator.store.scripts import STATE_SET
 
@@ -146,7 +145,7 @@ def origin_of(settings: CoordinatorSettings) -> str:
     return settings.instance_id.replace("\n", " ").replace("\r", " ")
 
 
-async def read_all(redis: Redis, keys: Keys) -> tuple[str | None, dict[str, bytes]]:
+async def read_all(redis: RedisClient, keys: Keys) -> tuple[str | None, dict[str, bytes]]:
     """The whole state hash in one ``HGETALL``: (epoch or None, raw stored values by key).
 
     Raises:
@@ -161,13 +160,19 @@ async def read_all(redis: Redis, keys: Keys) -> tuple[str | None, dict[str, byte
 
 
 async def write(
-    redis: Redis,
+    redis: RedisClient,
     settings: CoordinatorSettings,
     key: str,
     encoded: str,
     version: int | None,
+    *,
+    primaries: PrimaryClients | None = None,
 ) -> tuple[int, str]:
     """Compare-and-set ``key`` to ``encoded`` (from :func:`encode_value`); announce it.
+
+    With ``min_replicas`` the write and its ``WAIT`` go through ``primaries`` (on
+    Cluster, the state slot's primary; a long-lived caller passes its own, else one is
+    opened for this call and closed).
 
     ``version``: ``None`` sets unconditionally; an int must be the key's current
     version (0: the key must not exist yet). Returns (new version, epoch).
@@ -188,15 +193,26 @@ async def write(
         origin_of(settings),
     ]
     replicas = settings.min_replicas
+    owned = primaries is None
+    via = primaries if primaries is not None else PrimaryClients(redis, settings.redis_url)
     try:
         if replicas:
             reply, confirmed = await STATE_SET.call_replicated(
-                redis, [keys.state()], args, replicas, settings.replica_timeout_ms
+                await via.client_for(keys.state()),
+                [keys.state()],
+                args,
+                replicas,
+                settings.replica_timeout_ms,
             )
         else:
             reply, confirmed = await STATE_SET(redis, [keys.state()], args), 0
     except REDIS_UNREACHABLE as exc:
+        if replicas:
+            await via.forget()
         raise RedisUnavailableError(f"could not write state key {key!r}: {exc}") from exc
+    finally:
+        if owned:
+            await via.aclose()
     status, number, epoch = int(reply[0]), int(reply[1]), text(reply[2])
     if status == 0:
         assert version is not None

@@ -17,8 +17,8 @@ Supported URLs:
   ``rediss+cluster://`` with the ``ssl_*`` parameters): a Redis Cluster; the hosts are
   seeds, the client learns the rest and follows slot moves and failovers
   (redis-py's ``RedisCluster``). Only :func:`create_client` builds it: in this
-  version the event relay, the elector and the scheduler run on Cluster; sessions,
-  shared state and the ``Coordinator`` app do not (:func:`create_redis` says so).
+  version everything but the per-client limits runs on Cluster
+  (:func:`create_redis` refuses it, naming :func:`create_client`).
 
 The client returned owns its connection pool; close it with ``await client.aclose()``.
 
@@ -309,17 +309,15 @@ def create_redis(url: str, **overrides: Any) -> Redis:
     Raises:
         ConfigurationError: the URL's scheme is not one of ``redis``, ``rediss``,
             ``unix``, ``redis+sentinel``, or the URL is malformed; or it names a Redis
-            Cluster, which only the event relay and leader election support in this
-            version (with :func:`create_client`).
+            Cluster (use :func:`create_client`).
     """
     parts = urlsplit(check_redis_url(url))
     if is_cluster_url(url):
         raise ConfigurationError(
-            f"Redis URL {redact_url(url)!r} names a Redis Cluster: in this version only the "
-            "event relay (EventRelay), leader election (LeaderElector) and the scheduler "
-            "(LeaderScheduler) run on Cluster, with a client from create_client(url); the "
-            "Coordinator app, sessions and shared state need a single Redis or Sentinel "
-            "(redis://, rediss://, unix://, redis+sentinel://)"
+            f"Redis URL {redact_url(url)!r} names a Redis Cluster: use create_client(url), "
+            "which builds a RedisCluster for it (the Coordinator app, EventRelay, "
+            "LeaderElector and LeaderScheduler take one); create_redis() builds only "
+            "redis://, rediss://, unix:// and redis+sentinel:// clients"
         )
     options = _options(url, overrides)
     if parts.scheme.endswith("+sentinel"):

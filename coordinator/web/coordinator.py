@@ -54,7 +54,6 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI, Query
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from redis.asyncio import Redis
 
 from coordinator.election.elector import LeaderElector
 from coordinator.election.lease import read_leader
@@ -64,10 +63,21 @@ from coordinator.relay.relay import EventRelay
 from coordinator.scheduler.scheduler import LeaderScheduler
 from coordinator.settings import CoordinatorSettings
 from coordinator.state.shared import SharedState
-from coordinator.store.connection import create_redis, redact_url
+from coordinator.store.connection import (
+    RedisClient,
+    check_client_matches,
+    create_client,
+    is_cluster_url,
+    redact_url,
+)
 from coordinator.web.authz import allow_all
 from coordinator.web.jobs import job_router
-from coordinator.web.limits import ClientKey, ClientLimits, client_address
+from coordinator.web.limits import (
+    ClientKey,
+    ClientLimits,
+    check_limits_supported,
+    client_address,
+)
 from coordinator.web.metrics import CoordinatorMetrics
 from coordinator.web.sessions import install_sessions
 from coordinator.web.shutdown import wait_for_server_exit
@@ -105,7 +115,7 @@ class Coordinator:
         self,
         settings: CoordinatorSettings | None = None,
         *,
-        redis: Redis | None = None,
+        redis: RedisClient | None = None,
         authorize: ChannelAuthorizer = allow_all,
         authorize_state: StateAuthorizer = allow_all,
         client_key: ClientKey = client_address,
@@ -118,7 +128,11 @@ class Coordinator:
     ) -> None:
         self.settings = settings or CoordinatorSettings()
         self._owns_redis = redis is None
-        self.redis = redis if redis is not None else create_redis(self.settings.redis_url)
+        if redis is not None:
+            check_client_matches("Coordinator", redis, self.settings.redis_url)
+        # Before any client is built, so a refused configuration leaves nothing open.
+        check_limits_supported(self.settings, cluster=is_cluster_url(self.settings.redis_url))
+        self.redis = redis if redis is not None else create_client(self.settings.redis_url)
         self.elector = LeaderElector(self.redis, self.settings)
         self.scheduler = LeaderScheduler(
             self.redis, self.settings, elector=self.elector, cancel_on_revoke=cancel_on_revoke

@@ -52,6 +52,21 @@ def client_address(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
 
+def check_limits_supported(settings: CoordinatorSettings, *, cluster: bool) -> None:
+    """Refuse per-client limits on a Redis Cluster (not supported in this version).
+
+    Raises:
+        ConfigurationError: a limit is on and ``cluster``; says to set them to 0.
+    """
+    on = settings.publish_rate_per_client > 0 or settings.sse_max_connections_per_client > 0
+    if on and cluster:
+        raise ConfigurationError(
+            "per-client limits (COORDINATOR_PUBLISH_RATE_PER_CLIENT, "
+            "COORDINATOR_SSE_MAX_CONNECTIONS_PER_CLIENT) need a single Redis or Sentinel "
+            "in this version, not Redis Cluster; set them to 0"
+        )
+
+
 class ClientLimits:
     """The channel routes' per-client limits, as HTTP answers.
 
@@ -71,13 +86,7 @@ class ClientLimits:
         settings: CoordinatorSettings,
         client_key: ClientKey = client_address,
     ) -> None:
-        on = settings.publish_rate_per_client > 0 or settings.sse_max_connections_per_client > 0
-        if on and not isinstance(redis, Redis):
-            raise ConfigurationError(
-                "per-client limits (COORDINATOR_PUBLISH_RATE_PER_CLIENT, "
-                "COORDINATOR_SSE_MAX_CONNECTIONS_PER_CLIENT) need a single Redis or Sentinel "
-                "in this version, not Redis Cluster; set them to 0"
-            )
+        check_limits_supported(settings, cluster=not isinstance(redis, Redis))
         self.settings = settings
         self.client_key = client_key
         self.publishes: ClusterRateLimiter | None = None

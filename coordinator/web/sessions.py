@@ -62,7 +62,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request, Response
-from redis.asyncio import Redis
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starsessions import (
     JsonSerializer,
@@ -78,6 +77,7 @@ from starsessions.stores.redis import RedisStore
 
 from coordinator.errors import REDIS_UNREACHABLE
 from coordinator.settings import CoordinatorSettings
+from coordinator.store.connection import RedisClient
 from coordinator.store.keys import Keys
 
 SESSION_ID = re.compile(r"[0-9a-f]{32}")
@@ -88,9 +88,10 @@ class CoordinatorSessionStore(RedisStore):
     """starsessions' ``RedisStore`` on the coordinator's client and key namespace, that
     ignores session ids it could not have issued (see the module doc)."""
 
-    def __init__(self, redis: Redis, settings: CoordinatorSettings) -> None:
+    def __init__(self, redis: RedisClient, settings: CoordinatorSettings) -> None:
         super().__init__(
-            connection=redis,
+            # Typed for Redis; a RedisCluster serves its single-key GET/SET/DEL the same.
+            connection=redis,  # type: ignore[arg-type]
             prefix=Keys(settings.namespace).session_prefix(),
             gc_ttl=settings.session_lifetime_s,
         )
@@ -162,7 +163,7 @@ def unavailable(exc: BaseException, headers: dict[str, str]) -> Response:
 
 def install_sessions(
     app: FastAPI,
-    redis: Redis,
+    redis: RedisClient,
     settings: CoordinatorSettings,
     *,
     autoload_paths: Sequence[str | re.Pattern[str]] = (),
