@@ -11,21 +11,21 @@ tests/test_relay_cluster.py and tests/test_election_cluster.py.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
 import pytest_asyncio
+
+from coordinator.testing import async_wait_until
 
 from .support.app_cluster import AppCluster, wait_messages
 from .support.pinned import Pinned, close_all, pin_workers
@@ -33,7 +33,6 @@ from .support.pinned import Pinned, close_all, pin_workers
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(240)]
 
 WORKERS = 3
-T = TypeVar("T")
 
 
 @dataclass
@@ -60,17 +59,6 @@ async def demo(cluster_url: str) -> AsyncIterator[Demo]:
             await close_all(pinned)
 
 
-async def until(check: Callable[[], Awaitable[T]], timeout: float, what: str) -> T:
-    """Poll the coroutine function ``check`` until it returns something truthy."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-        await asyncio.sleep(0.05)
-
-
 async def test_one_leader_every_worker_agrees(demo: Demo) -> None:
     async def agreed() -> set[str] | None:
         seen = set()
@@ -81,7 +69,7 @@ async def test_one_leader_every_worker_agrees(demo: Demo) -> None:
             seen.add(leader["instance_id"])
         return seen if len(seen) == 1 else None
 
-    seen = await until(agreed, 20, "one leader named by every worker")
+    seen = await async_wait_until(agreed, 20, message="one leader named by every worker")
     assert seen
     (leader,) = seen
     leading = [(await w.get("/api/instance")).json()["is_leader"] for w in demo.workers]
@@ -128,7 +116,7 @@ async def test_a_runtime_job_added_on_one_worker_runs_once(demo: Demo) -> None:
         runs = (await demo.workers[0].get("/api/jobs/runs?limit=200")).json()
         return [r for r in runs if r["job_id"] == job_id]
 
-    (run,) = await until(ran, 20, "the job's run record")
+    (run,) = await async_wait_until(ran, 20, message="the job's run record")
     assert run["status"] == "ok"
     for worker in demo.workers:
         assert (await worker.get(f"/api/jobs/{job_id}")).status_code == 404, "a run date job leaves"
@@ -148,7 +136,7 @@ async def test_shared_state_written_on_one_worker_is_read_on_every_other(demo: D
                 return False
         return True
 
-    await until(everywhere, 10, "the value on every worker")
+    await async_wait_until(everywhere, 10, message="the value on every worker")
     stale = await demo.workers[1].put(f"/api/state/{key}", json={"value": 1, "version": 0})
     assert stale.status_code == 409, stale.text
 
