@@ -30,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -93,11 +94,32 @@ def die_with_parent(sig: int = signal.SIGKILL) -> Callable[[], None] | None:
     return preexec
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+_handed_out: deque[int] = deque(maxlen=512)
+_handed_out_lock = threading.RLock()  # free_port calls `avoid` under it
+
+
+def free_port(avoid: Callable[[int], bool] = lambda port: False) -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago, and not one of the last 512
+    this process handed out, nor one ``avoid`` rejects.
+
+    The kernel readily hands a just-closed port out again, so servers built one after
+    another (none started yet, as in a cluster or a Sentinel set) would otherwise share
+    a port now and then. Another process may still take the port before the caller binds.
+    """
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        with _handed_out_lock:
+            if port not in _handed_out and not avoid(port):
+                _handed_out.append(port)
+                return port
+
+
+def handed_out_recently(port: int) -> bool:
+    """Whether :func:`free_port` handed ``port`` out among its last 512 answers."""
+    with _handed_out_lock:
+        return port in _handed_out
 
 
 def wait_until(

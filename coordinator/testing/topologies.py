@@ -23,7 +23,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-from coordinator.testing.servers import RedisServer, find_redis_server, free_port, wait_until
+from coordinator.testing.servers import (
+    RedisServer,
+    find_redis_server,
+    free_port,
+    handed_out_recently,
+    wait_until,
+)
 
 
 @dataclass(frozen=True)
@@ -345,11 +351,15 @@ class SentinelCluster:
 
 
 def free_cluster_port() -> int:
-    """A free port whose cluster bus port (10000 higher, Redis' rule) is free too."""
+    """A free port whose cluster bus port (10000 higher, Redis' rule) is free too; neither
+    is a port, or the bus port of a port, handed out recently (another node's)."""
+
+    def taken(port: int) -> bool:
+        bus = port + 10000
+        return bus > 65535 or handed_out_recently(bus) or handed_out_recently(port - 10000)
+
     while True:
-        port = free_port()
-        if port + 10000 > 65535:
-            continue
+        port = free_port(avoid=taken)
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port + 10000))
@@ -453,6 +463,14 @@ class RedisClusterServers:
                     if first.isdigit() and int(first) <= slot <= int(last or first):
                         return int(fields[1].split("@")[0].rsplit(":", 1)[1])
         raise RuntimeError(f"no node knows an online primary for slot {slot}")
+
+    def replica_of(self, primary: int) -> int:
+        """The port of the replica that follows the primary on port ``primary``."""
+        for port in self.nodes:
+            replication = self._command(port, "INFO", "replication") or {}
+            if replication.get("role") == "slave" and replication.get("master_port") == primary:
+                return port
+        raise RuntimeError(f"no replica follows the primary on port {primary}")
 
     def kill_primary_of(self, key: str, timeout: float = 30.0) -> tuple[int, int]:
         """SIGKILL the primary of ``key``'s slot; return (old port, new primary's port)
