@@ -3,7 +3,8 @@
 - :class:`ClusterRateLimiter`: a rate per client through the ``limits`` library
   (``SlidingWindowCounterRateLimiter`` on its async ``RedisStorage``, sharing
   the coordinator's connection pool: no second pool, Sentinel included, because
-  the storage is given the pool rather than a URL).
+  the storage is given the pool rather than a URL; on Redis Cluster, its
+  ``RedisClusterStorage`` is given the coordinator's own ``RedisCluster``).
 - :class:`StreamSlots`: open streams per client. ``limits`` counts events in
   time windows; it has no concurrency limit (a slot taken at open and given back
   at close, that must also come back by itself when the holder crashes). So
@@ -42,6 +43,16 @@ Limits, said plainly:
   if that puts a client over its limit for a while: they are open.
 - A stream admitted while failing open counts from the next heartbeat that
   reaches Redis.
+- On Redis Cluster every limit key carries the namespace's hash tag, as the
+  election's and the scheduler's do: one shard serves all of them (each limit is
+  still one script on one node; a renewal's keys share that slot). The rate
+  limiter's scripts are redis-py ``Script`` objects: on a script-cache miss (first
+  use, or after that shard failed over) redis-py loads them on every primary, so a
+  decision made while another shard is down then fails (and follows
+  ``limits_fail_open``). A shard failover
+  is ridden through by the cluster client; counts not yet replicated when the
+  primary died are lost with it (a client may get up to one window's extra burst,
+  and open streams count again from the next renewal).
 """
 
 from __future__ import annotations
@@ -60,12 +71,14 @@ from redis.asyncio import Redis
 
 from coordinator.errors import REDIS_UNREACHABLE
 from coordinator.settings import CoordinatorSettings
+from coordinator.store.connection import RedisClient
 from coordinator.store.keys import Keys
 from coordinator.store.scripts import STREAM_ACQUIRE, STREAM_RENEW
 from coordinator.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from limits import RateLimitItem
+    from limits.aio.storage import RedisStorage
     from limits.aio.strategies import SlidingWindowCounterRateLimiter
 
 logger = logging.getLogger("coordinator.limits")
@@ -105,7 +118,8 @@ class ClusterRateLimiter:
     (a sliding window counter of ``burst`` per ``ceil(burst / rate)`` seconds).
 
     Args:
-        redis: the coordinator's client; its connection pool is shared, not copied.
+        redis: the coordinator's client (a ``RedisCluster`` on Cluster); its
+            connections are shared, not copied.
         settings: namespace and ``limits_fail_open``.
         rate: hits a second, sustained (> 0).
         burst: most hits in a row; 0: ``rate`` rounded up.
@@ -114,14 +128,13 @@ class ClusterRateLimiter:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         settings: CoordinatorSettings,
         rate: float,
         burst: int = 0,
         name: str = "publish",
     ) -> None:
         from limits import RateLimitItemPerSecond
-        from limits.aio.storage import RedisStorage
         from limits.aio.strategies import SlidingWindowCounterRateLimiter
 
         if rate <= 0:
@@ -131,12 +144,7 @@ class ClusterRateLimiter:
         self.window_s = max(1, math.ceil(self.burst / rate))
         self.fail_open = settings.limits_fail_open
         self.item: RateLimitItem = RateLimitItemPerSecond(self.burst, self.window_s, name)
-        storage = RedisStorage(
-            "async+redis://",
-            implementation="redispy",
-            key_prefix=Keys(settings.namespace).limits_prefix(),
-            connection_pool=redis.connection_pool,  # type: ignore[arg-type]
-        )
+        storage = _storage(redis, Keys(settings.namespace).limits_prefix())
         self._limiter: SlidingWindowCounterRateLimiter = SlidingWindowCounterRateLimiter(storage)
 
     async def hit(self, client: str) -> LimitDecision:
@@ -154,6 +162,42 @@ class ClusterRateLimiter:
             return _unavailable(exc, self.fail_open, "rate limit")
         wait = min(float(self.window_s), stats.reset_time - time.time())
         return LimitDecision(False, max(1.0, wait))
+
+
+def _storage(redis: RedisClient, key_prefix: str) -> RedisStorage:
+    """A ``limits`` storage on ``redis``'s own connections (no second pool)."""
+    from limits.aio.storage import RedisClusterStorage, RedisStorage
+
+    if isinstance(redis, Redis):
+        return RedisStorage(
+            "async+redis://",
+            implementation="redispy",
+            key_prefix=key_prefix,
+            connection_pool=redis.connection_pool,  # type: ignore[arg-type]
+        )
+
+    class SharedClusterStorage(RedisClusterStorage):
+        # limits builds its own RedisCluster from a URL; ours already follows the
+        # cluster's slot map and carries the URL's auth and TLS, so the bridge is
+        # pointed at it instead (the two attributes its use_cluster() sets, in every
+        # limits 5.x; checked below).
+        def configure_bridge(self) -> None:
+            bridge: Any = self.bridge
+            bridge.storage = redis
+            bridge.connection_getter = lambda _readonly: redis
+
+    storage = SharedClusterStorage(
+        "async+redis+cluster://", implementation="redispy", key_prefix=key_prefix
+    )
+    shared: Any = storage.bridge
+    if shared.get_connection() is not redis:  # what every limits 5.x command goes through
+        import limits
+
+        raise RuntimeError(
+            f"limits {limits.__version__} no longer takes a shared RedisCluster; "
+            "install the versions coordinator names (limits>=5.1,<6)"
+        )
+    return storage
 
 
 @dataclass(eq=False)
@@ -174,7 +218,7 @@ class StreamSlots:
     first slot; :meth:`stop` ends it and gives back every slot still held.
     """
 
-    def __init__(self, redis: Redis, settings: CoordinatorSettings, limit: int) -> None:
+    def __init__(self, redis: RedisClient, settings: CoordinatorSettings, limit: int) -> None:
         if limit <= 0:
             raise ValueError(f"limit must be positive, not {limit}")
         self.limit = limit

@@ -16,9 +16,8 @@ Supported URLs:
 - ``redis+cluster://[[user]:password@]host1:port1[,host2:port2...]`` (and
   ``rediss+cluster://`` with the ``ssl_*`` parameters): a Redis Cluster; the hosts are
   seeds, the client learns the rest and follows slot moves and failovers
-  (redis-py's ``RedisCluster``). Only :func:`create_client` builds it: in this
-  version everything but the per-client limits runs on Cluster
-  (:func:`create_redis` refuses it, naming :func:`create_client`).
+  (redis-py's ``RedisCluster``). Only :func:`create_client` builds it, and every
+  component takes it (:func:`create_redis` refuses it, naming :func:`create_client`).
 
 The client returned owns its connection pool; close it with ``await client.aclose()``.
 

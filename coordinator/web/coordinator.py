@@ -67,7 +67,6 @@ from coordinator.store.connection import (
     RedisClient,
     check_client_matches,
     create_client,
-    is_cluster_url,
     redact_url,
 )
 from coordinator.web.authz import allow_all
@@ -75,7 +74,6 @@ from coordinator.web.jobs import job_router
 from coordinator.web.limits import (
     ClientKey,
     ClientLimits,
-    check_limits_supported,
     client_address,
 )
 from coordinator.web.metrics import CoordinatorMetrics
@@ -130,8 +128,6 @@ class Coordinator:
         self._owns_redis = redis is None
         if redis is not None:
             check_client_matches("Coordinator", redis, self.settings.redis_url)
-        # Before any client is built, so a refused configuration leaves nothing open.
-        check_limits_supported(self.settings, cluster=is_cluster_url(self.settings.redis_url))
         self.redis = redis if redis is not None else create_client(self.settings.redis_url)
         self.elector = LeaderElector(self.redis, self.settings)
         self.scheduler = LeaderScheduler(

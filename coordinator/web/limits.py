@@ -35,9 +35,7 @@ import time
 from collections.abc import Callable
 
 from fastapi import HTTPException, Request
-from redis.asyncio import Redis
 
-from coordinator.errors import ConfigurationError
 from coordinator.settings import CoordinatorSettings
 from coordinator.state.limits import ClusterRateLimiter, LimitDecision, StreamSlot, StreamSlots
 from coordinator.store.connection import RedisClient
@@ -52,21 +50,6 @@ def client_address(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
 
-def check_limits_supported(settings: CoordinatorSettings, *, cluster: bool) -> None:
-    """Refuse per-client limits on a Redis Cluster (not supported in this version).
-
-    Raises:
-        ConfigurationError: a limit is on and ``cluster``; says to set them to 0.
-    """
-    on = settings.publish_rate_per_client > 0 or settings.sse_max_connections_per_client > 0
-    if on and cluster:
-        raise ConfigurationError(
-            "per-client limits (COORDINATOR_PUBLISH_RATE_PER_CLIENT, "
-            "COORDINATOR_SSE_MAX_CONNECTIONS_PER_CLIENT) need a single Redis or Sentinel "
-            "in this version, not Redis Cluster; set them to 0"
-        )
-
-
 class ClientLimits:
     """The channel routes' per-client limits, as HTTP answers.
 
@@ -74,10 +57,6 @@ class ClientLimits:
         redis: the coordinator's client (its pool is shared by the limiters).
         settings: the limits (0: off), the namespace and the fail mode.
         client_key: who a request's client is (default :func:`client_address`).
-
-    Raises:
-        ConfigurationError: a limit is on and ``redis`` is a Redis Cluster client
-            (the limiters need a single Redis or Sentinel in this version).
     """
 
     def __init__(
@@ -86,16 +65,15 @@ class ClientLimits:
         settings: CoordinatorSettings,
         client_key: ClientKey = client_address,
     ) -> None:
-        check_limits_supported(settings, cluster=not isinstance(redis, Redis))
         self.settings = settings
         self.client_key = client_key
         self.publishes: ClusterRateLimiter | None = None
         self.streams: StreamSlots | None = None
-        if settings.publish_rate_per_client > 0 and isinstance(redis, Redis):
+        if settings.publish_rate_per_client > 0:
             self.publishes = ClusterRateLimiter(
                 redis, settings, settings.publish_rate_per_client, settings.publish_burst
             )
-        if settings.sse_max_connections_per_client > 0 and isinstance(redis, Redis):
+        if settings.sse_max_connections_per_client > 0:
             self.streams = StreamSlots(redis, settings, settings.sse_max_connections_per_client)
         self._logged_at = 0.0
 
