@@ -209,7 +209,9 @@ class CoordinatorSettings(BaseSettings):
         default=0,
         ge=0,
         description="Replicas that must confirm a publish or a fire claim (WAIT) before it "
-        "counts; 1 with Sentinel, so a failover cannot lose an acknowledged write.",
+        "counts; 1 with Sentinel, so a failover cannot lose an acknowledged write. An "
+        "unconfirmed publish is a 503; an unconfirmed claim's fire does not run (a runtime "
+        "date job's is claimed again).",
     )
     replica_timeout_ms: int = Field(default=1000, gt=0, description="How long WAIT waits.")
 

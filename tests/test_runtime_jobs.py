@@ -34,9 +34,10 @@ from coordinator.errors import (
 from coordinator.scheduler.runs import RunHistory
 from coordinator.store.scripts import CLAIM_FIRE, DUE_PRUNE
 from coordinator.testing import async_wait_until
+from coordinator.testing.topologies import RedisClusterServers
 
 from .support.timing import FAST
-from .support.topology import Topology, url_of
+from .support.topology import Topology, replicated_scheduler, url_of
 
 Make = Callable[..., LeaderScheduler]
 
@@ -427,6 +428,46 @@ async def test_a_date_fire_claimed_by_a_leader_that_lost_its_term_is_handed_back
         assert await statuses() == [("second", "ok")]
     assert await second.list_jobs() == [], "a date job that ran leaves; nothing put back"
     assert len(calls) == 1
+
+
+@pytest.mark.slow
+async def test_an_unconfirmed_date_claim_is_handed_back_and_runs_once_confirmed(
+    own_cluster: RedisClusterServers, namespace: str
+) -> None:
+    """With ``min_replicas=1`` and the namespace slot's replica SIGSTOPped, no claim of
+    a runtime date job's fire is confirmed: each is handed back (the job stays pending,
+    nothing runs, nothing is lost). Resumed within the job's grace, the replica confirms
+    the next claim and the fire runs once."""
+    calls: list[datetime] = []
+    async with replicated_scheduler(own_cluster, namespace) as (s, replica):
+
+        @s.task("note")
+        async def note(ctx: JobContext) -> None:
+            calls.append(ctx.scheduled_at)
+
+        runner, redis = s._runner, s.redis
+        await s.start()
+        await leader_of(s)
+        replica.pause()
+        at = datetime.now(UTC) + timedelta(milliseconds=200)
+        at = at.replace(microsecond=at.microsecond // 1000 * 1000)  # kept in ms
+        trigger = {"type": "date", "run_date": iso(at)}
+        await s.runtime.add_job("note", trigger, id="d", misfire_grace_time=60)
+        await async_wait_until(
+            lambda: runner.stats.handed_back >= 3, 15, message="unconfirmed claims handed back"
+        )
+        assert calls == [] and runner.stats.unreplicated >= 3
+        assert not [r for r in await history(redis, namespace) if r.job_id == "d"]
+        replica.resume()
+        await async_wait_until(lambda: calls, 15, message="the fire, once confirmed")
+        assert calls == [at]
+
+        async def recorded() -> list[str]:
+            return [r.status for r in await history(redis, namespace) if r.job_id == "d"]
+
+        assert await async_wait_until(recorded, 5, message="its record") == ["ok"]
+        assert await s.list_jobs() == []
+        assert calls == [at], "ran once"
 
 
 async def test_a_hand_back_is_idempotent_and_refused_after_a_newer_claim(

@@ -38,9 +38,10 @@ from coordinator.scheduler.catchup import SCAN_LIMIT, CatchUpJobStore, Skipped
 from coordinator.scheduler.runs import RunHistory
 from coordinator.store.scripts import CLAIM_FIRE
 from coordinator.testing import DockerRedisServer, RedisServer, async_wait_until
+from coordinator.testing.topologies import RedisClusterServers
 
 from .support.timing import FAST
-from .support.topology import Topology, url_of
+from .support.topology import Topology, replicated_scheduler, url_of
 
 Make = Callable[..., LeaderScheduler]
 
@@ -590,6 +591,37 @@ async def test_claims_with_min_replicas_run_once_a_replica_has_them(
         assert "ok" in {r.status for r in history} <= {"ok", "missed"}  # late: coalesced
         keys = [r.scheduled_ms for r in history]
         assert len(keys) == len(set(keys))
+
+
+@pytest.mark.slow
+async def test_on_cluster_a_claim_runs_only_once_its_own_slots_replica_confirms_it(
+    own_cluster: RedisClusterServers, namespace: str
+) -> None:
+    """With the namespace slot's replica SIGSTOPped, no claim is confirmed, so no fire
+    runs (each is counted ``unreplicated``); resumed, the replica confirms claims again
+    and fires run again.
+
+    ``WAIT`` waits for the replication offset its connection recorded last. Where
+    only a connection's own writes move it (Redis's current source), a ``WAIT`` sent on
+    another pooled connection than the claim's (which a cluster client may do) would
+    confirm at once with the replica stopped, and this test would see fires run. On
+    Redis 7.0 (this machine's) every command moves it, so there only the first ``WAIT``
+    after the stop on an idle connection would: here this test cannot tell the two
+    apart (tried with ``call_replicated`` patched to send ``WAIT`` elsewhere)."""
+    async with replicated_scheduler(own_cluster, namespace) as (s, replica):
+        s.add_job(lambda: None, "interval", id="tick", seconds=0.1)
+        await s.start()
+        await leader_of(s)
+        await async_wait_until(lambda: s.stats.ok >= 2, 10, message="confirmed claims run")
+        replica.pause()
+        # At most one claim already confirmed may still start; then only unconfirmed ones.
+        await async_wait_until(lambda: s.stats.unreplicated >= 3, 10, message="claims written")
+        ran = s.stats.ok
+        await async_wait_until(lambda: s.stats.unreplicated >= 6, 10, message="more claims")
+        assert s.stats.ok == ran, "a fire ran on a claim its slot's replica never had"
+        assert s.is_leading
+        replica.resume()
+        await async_wait_until(lambda: s.stats.ok > ran, 15, message="confirmed again")
 
 
 def test_a_client_that_does_not_match_the_url_is_refused(redis_client: Redis) -> None:

@@ -28,6 +28,8 @@ Guarantees:
   and the next leader runs the fire within its grace or records it ``missed``. Not
   if the id was changed meanwhile (added again: the newer job stands; removed or
   paused: as asked), nor after a minute: the fire is then recorded ``cancelled``.
+  Likewise a fire whose claim the replicas did not confirm (``min_replicas``): this
+  leader claims it again (see :mod:`coordinator.scheduler.firing`).
 - **Late fires follow the misfire rule.** Entries that fell due while there was no
   leader are read first (oldest first) and run when within their
   ``misfire_grace_time``, or are recorded ``missed``; either way they leave.

@@ -52,6 +52,13 @@ Limits, said plainly:
   that claim and the start, the date job is handed back for the next leader
   (``job.hand_back``, see :mod:`coordinator.scheduler.due`); any other job's fire
   is then recorded ``cancelled``: its claim record only moves forward.
+- With ``COORDINATOR_MIN_REPLICAS``, a claim ``WAIT`` does not confirm is not run
+  (``unreplicated``): a runtime date job's fire is handed back and claimed again,
+  until a claim is confirmed or its grace runs out (then it is recorded ``missed``,
+  a record the replicas may not have either); a recurring job's next fire comes as
+  usual; a date job defined in code does not run (its claim record moved forward).
+  While the replicas stay behind, each retry holds one of the Redis slots below for
+  ``replica_timeout_ms`` (the ``WAIT``); retries of one fire back off to one a second.
 
 Bursts and transient Redis errors:
 
@@ -115,16 +122,20 @@ outage only the most recent are recorded; each says how many fires it stands for
 CLAIMED, NOT_LEADER, ALREADY, PAUSED, GONE = 1, 0, -1, -2, -3
 EXPIRED = -100
 """Local code (never from Redis): a run claim kept failing until the fire's grace expired."""
+UNREPLICATED = -101
+"""Local code: claimed on the primary, but ``WAIT`` did not confirm it; not run."""
+UNREPLICATED_BACKOFF_MAX_S = 1.0
+"""Most time between the claims of a fire whose claims the replicas did not confirm."""
 
 MAX_REDIS_SLOTS = 32
 """Upper bound of the Redis calls fires make at the same time (see :func:`redis_slots`)."""
 
 RETRY_MIN_S, RETRY_MAX_S = 0.02, 0.5
+"""Backoff between attempts of a claim or history write that failed for a Redis error."""
 TAKEN_MARKER_MS = 60_000
 """How long a runtime date job's claimed fire can be handed back (see ``job_taken``)."""
 HAND_BACK_RETRY_S = 10.0
 """How long a hand-back is retried through Redis errors."""
-"""Backoff between attempts of a claim or history write that failed for a Redis error."""
 
 
 def redis_slots(redis: RedisClient) -> int:
@@ -170,8 +181,12 @@ class FireStats:
     abandoned: int = 0
     """Fires given up unclaimed because the term was lost while Redis failed."""
     handed_back: int = 0
-    """Runtime date-job fires claimed, then handed back unstarted: the term was lost
-    in between (the next leader runs them)."""
+    """Runtime date-job fires claimed, then handed back unstarted (once per hand-back):
+    the term was lost in between (the next leader runs them), or the replicas did not
+    confirm the claim (this leader claims them again)."""
+    unreplicated: int = 0
+    """Claims written but not confirmed by ``WAIT`` on ``min_replicas`` replicas within
+    ``replica_timeout_ms`` (their fires are not run)."""
     missed: int = 0
     cancelled: int = 0
     errors: int = 0
@@ -198,6 +213,8 @@ class FireRunner:
         self._lease_key = elector.keys.lease(elector.name)
         self._cancel_on_revoke = cancel_on_revoke
         self._turns: dict[str, _Turn] = {}
+        self._unreplicated: dict[tuple[str, datetime], int] = {}
+        """Unconfirmed claims so far of each runtime date job's fire being retried."""
         self._slots = asyncio.Semaphore(redis_slots(redis))
         self._primaries = PrimaryClients(redis, elector.settings.redis_url)
         """Where a claim runs when ``WAIT`` must follow it (on Cluster: the slot's primary)."""
@@ -339,9 +356,18 @@ class FireRunner:
                     pending = None
                 if not self.current(term):
                     break
+                if tries := self._unreplicated.get((job.id, t), 0):
+                    # Claimed before, unconfirmed, handed back: back off (module doc).
+                    await asyncio.sleep(min(UNREPLICATED_BACKOFF_MAX_S, RETRY_MIN_S * 2**tries))
+                    if not self.current(term):
+                        break
                 code = await self._claim(term, job.id, t, None, grace, final_rev)
+                if code != UNREPLICATED:
+                    self._unreplicated.pop((job.id, t), None)
                 if code == CLAIMED:
                     pending = t
+                elif code == UNREPLICATED:
+                    await self._give_back_unreplicated(job, t, term)
                 elif code == EXPIRED:
                     why = f"could not be claimed within misfire_grace_time={grace}s (Redis errors)"
                     events += await self._record_missed(term, job.id, [(t, why)], None, final_rev)
@@ -487,7 +513,8 @@ class FireRunner:
             self._history.cap,
             "0" if final_rev is None else "1",
             final_rev or "",
-            TAKEN_MARKER_MS,
+            # Outlives the WAIT, so an unconfirmed claim can always be handed back.
+            max(TAKEN_MARKER_MS, 3 * self._elector.settings.replica_timeout_ms),
         ]
         replicas = self._elector.settings.min_replicas
         if replicas:
@@ -500,14 +527,22 @@ class FireRunner:
                 replicas,
                 self._elector.settings.replica_timeout_ms,
             )
-            if confirmed < replicas:
-                logger.warning(
-                    "%s: claim of %r at %s not replicated; not running it",
+            # A refused claim wrote nothing to confirm: its code stands.
+            if confirmed < replicas and int(reply[0]) == CLAIMED:
+                self.stats.unreplicated += 1
+                tries = self._unreplicated.get((job_id, t), 0)
+                logger.log(
+                    logging.WARNING if tries == 0 else logging.DEBUG,
+                    "%s: claim of %r at %s not confirmed by %d replica(s) within %d ms "
+                    "(try %d); not running it",
                     self.instance_id,
                     job_id,
                     t,
+                    replicas,
+                    self._elector.settings.replica_timeout_ms,
+                    tries + 1,
                 )
-                return NOT_LEADER
+                return UNREPLICATED
         else:
             reply = await CLAIM_FIRE(self._redis, keys, args)
         code = int(reply[0])
@@ -576,7 +611,8 @@ class FireRunner:
             hand_back = getattr(job, "hand_back", None)
             if hand_back is not None:
                 # Spawned, so stop()'s drain waits for it even if this task is cancelled.
-                back = self.spawn(self._hand_back(job.id, t, hand_back, term.lease_value))
+                why = "leadership lost between claim and start"
+                back = self.spawn(self._hand_back(job.id, t, hand_back, term.lease_value, why))
                 if await asyncio.shield(back):
                     return None
             await self._record(
@@ -646,18 +682,41 @@ class FireRunner:
         await self._record(job.id, t, term, "ok", started, None, ctx.lost_leadership.is_set())
         return JobExecutionEvent(EVENT_JOB_EXECUTED, job.id, "default", t, retval=retval)
 
+    async def _give_back_unreplicated(self, job: Any, t: datetime, term: Term) -> None:
+        """A runtime date job's fire whose claim ``WAIT`` did not confirm is handed back,
+        so it is pending again: this leader claims it anew (waiting for the replicas
+        again), until it is confirmed or its grace runs out (then recorded ``missed``).
+        The claims of one fire after the first back off, up to
+        :data:`UNREPLICATED_BACKOFF_MAX_S` apart (the fire is back in Redis meanwhile),
+        so replicas that stay behind cost about one claim and one ``WAIT`` a second. A
+        hand-back that fails records the fire ``cancelled``.
+        Any other job's unconfirmed fire is skipped: a recurring job's next fire comes
+        as usual, and a date job defined in code does not run."""
+        hand_back = getattr(job, "hand_back", None)
+        if hand_back is None:
+            return
+        if len(self._unreplicated) > 10_000:  # fires that ended missed leave entries
+            self._unreplicated.clear()
+        self._unreplicated[job.id, t] = self._unreplicated.get((job.id, t), 0) + 1
+        why = "its claim was not confirmed by the replicas (COORDINATOR_MIN_REPLICAS)"
+        back = self.spawn(self._hand_back(job.id, t, hand_back, term.lease_value, why))
+        if not await asyncio.shield(back):
+            await self._record(job.id, t, term, "cancelled", int(time.time() * 1000), why, False)
+
     async def _hand_back(
         self,
         job_id: str,
         t: datetime,
         hand_back: Callable[[str], Awaitable[bool]],
         lease_value: str,
+        why: str,
     ) -> bool:
         """Give back a runtime date job's claimed, unstarted fire (see
         :meth:`coordinator.scheduler.runtime.RuntimeJobs.hand_back`); True if it went
-        back. A Redis error is retried with backoff for up to :data:`HAND_BACK_RETRY_S`
-        (the hand-back is idempotent), then logged at ERROR: the fire is then recorded
-        ``cancelled`` (if Redis lets it), as any other job's would be."""
+        back. ``why`` is logged. A Redis error is retried with backoff for up to
+        :data:`HAND_BACK_RETRY_S` (the hand-back is idempotent), then logged at ERROR:
+        the fire does not run (when a lost term was ``why``, it is then recorded
+        ``cancelled``, if Redis lets it, as any other job's would be)."""
         delay = RETRY_MIN_S
         deadline = time.monotonic() + HAND_BACK_RETRY_S
         while True:
@@ -667,11 +726,12 @@ class FireRunner:
             except REDIS_UNREACHABLE as exc:
                 if time.monotonic() >= deadline:
                     logger.error(
-                        "%s: leadership lost between claim and start of %r at %s, and the "
-                        "fire could not be handed back (%r): it will not run",
+                        "%s: %r at %s not started (%s), and the fire could not be handed "
+                        "back (%r): it will not run",
                         self.instance_id,
                         job_id,
                         t,
+                        why,
                         exc,
                     )
                     return False
@@ -682,11 +742,11 @@ class FireRunner:
             if back:
                 self.stats.handed_back += 1
                 logger.warning(
-                    "%s: leadership lost between claim and start of %r at %s; "
-                    "handed the fire back to the next leader",
+                    "%s: %r at %s not started (%s); handed the fire back",
                     self.instance_id,
                     job_id,
                     t,
+                    why,
                 )
             return back
 

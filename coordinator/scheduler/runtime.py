@@ -366,8 +366,9 @@ class RuntimeJobs:
 
     async def hand_back(self, job: RuntimeJob, lease_value: str) -> bool:
         """Put back a date job whose fire was claimed (under ``lease_value``) but never
-        started, its leader having lost the term in between: the definition and its due
-        entry return as they were, with a change notice, so the next leader runs the fire
+        started: its leader lost the term in between, or the replicas did not confirm the
+        claim (``min_replicas``). The definition and its due entry return as they were,
+        with a change notice, so a leader (the next one, or this one again) runs the fire
         within its grace or records it ``missed``. Not counted against
         ``max_runtime_jobs`` (it held a place already).
 

@@ -265,6 +265,7 @@ class CoordinatorMetrics:
             (JOB_FIRES, ("missed",), fires.missed),
             (JOB_FIRES, ("cancelled",), fires.cancelled),
             (JOB_FIRES, ("handed_back",), fires.handed_back),
+            (JOB_FIRES, ("unreplicated",), fires.unreplicated),
             (JOB_FIRES, ("refused_not_leader",), fires.refused_not_leader),
             (JOB_FIRES, ("refused_already_claimed",), fires.refused_already_claimed),
             *((STEPDOWNS, (reason,), n) for reason, n in self._stepdowns.items()),

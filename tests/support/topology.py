@@ -6,12 +6,21 @@ topology, as APScheduler 4 runs one contract suite per data store.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+
+from coordinator import CoordinatorSettings, Keys, LeaderScheduler, create_client
+from coordinator.testing import RedisServer
+from coordinator.testing.topologies import RedisClusterServers
+
+from .timing import FAST
 
 
 @dataclass
@@ -52,3 +61,31 @@ def url_of(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
         return url, {"redis_url": url}
     shared: str = request.getfixturevalue("redis_url")
     return shared, {}
+
+
+@asynccontextmanager
+async def replicated_scheduler(
+    cluster: RedisClusterServers, namespace: str
+) -> AsyncIterator[tuple[LeaderScheduler, RedisServer]]:
+    """A scheduler on ``cluster`` whose claims need one replica (``min_replicas=1``,
+    ``WAIT`` up to 300 ms), not started, and the replica of the primary that holds the
+    namespace's slot (pause it to leave claims unconfirmed). After: the replica resumed,
+    the scheduler stopped, its client closed."""
+    redis = create_client(cluster.url)
+    settings = CoordinatorSettings(
+        redis_url=cluster.url,
+        namespace=namespace,
+        instance_id="a",
+        **{**FAST, "min_replicas": 1, "replica_timeout_ms": 300},
+    )
+    scheduler = LeaderScheduler(redis, settings)
+    replica: RedisServer | None = None
+    try:
+        port = await asyncio.to_thread(cluster.primary_of, Keys(namespace).last_fire())
+        replica = cluster.nodes[await asyncio.to_thread(cluster.replica_of, port)]
+        yield scheduler, replica
+    finally:
+        if replica is not None:
+            replica.resume()
+        await scheduler.stop(timeout=2)
+        await redis.aclose()
