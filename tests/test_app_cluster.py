@@ -11,6 +11,7 @@ tests/test_relay_cluster.py and tests/test_election_cluster.py.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -24,11 +25,13 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
+import redis as redis_sync
 
 from coordinator.testing import async_wait_until
 
 from .support.app_cluster import AppCluster, wait_messages
 from .support.pinned import Pinned, close_all, pin_workers
+from .test_ops_connections import cluster_acl_line
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(240)]
 
@@ -41,22 +44,60 @@ class Demo:
     url: str
     namespace: str
     pinned: dict[str, list[Pinned]]
+    user: str
+    ports: list[int]
 
     @property
     def workers(self) -> list[Pinned]:
         return [group[0] for group in self.pinned.values()]
 
 
+# The limits on (high enough never to refuse these tests) and WAIT for a replica, so
+# their commands run under the ACL too.
+LIMITS_ENV = {
+    "COORDINATOR_PUBLISH_RATE_PER_CLIENT": "1000",
+    "COORDINATOR_PUBLISH_BURST": "1000",
+    "COORDINATOR_SSE_MAX_CONNECTIONS_PER_CLIENT": "100",
+    "COORDINATOR_MIN_REPLICAS": "1",  # publishes, claims and state writes WAIT
+}
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def demo(cluster_url: str) -> AsyncIterator[Demo]:
+    """The demo, connected as an ACL user given README's Redis Cluster line on every
+    node (the session's cluster: the user is this module's own)."""
     namespace = f"ac{uuid.uuid4().hex[:8]}"
-    cluster = AppCluster(cluster_url, namespace, workers=WORKERS, app="app.main:app")
+    user, password = f"app{uuid.uuid4().hex[:6]}", "s3cret"
+    for port in _ports(cluster_url):
+        with redis_sync.Redis(port=port, decode_responses=True) as admin:
+            line = cluster_acl_line(user, password, namespace)
+            # The demo's own keys (its jobs' data), as any app adds its own.
+            admin.execute_command("ACL", "SETUSER", *line, f"~demo:{namespace}:*")
+    seeds = cluster_url.split("://", 1)[1]
+    url = f"redis+cluster://{user}:{password}@{seeds}"
+    cluster = AppCluster(url, namespace, workers=WORKERS, env=LIMITS_ENV, app="app.main:app")
     async with cluster.running():
         pinned = await pin_workers(cluster.base, WORKERS)
         try:
-            yield Demo(cluster, cluster_url, namespace, pinned)
+            yield Demo(cluster, url, namespace, pinned, user, _ports(cluster_url))
         finally:
             await close_all(pinned)
+
+
+def _ports(url: str) -> list[int]:
+    return [int(seed.rsplit(":", 1)[1]) for seed in url.split("://", 1)[1].split(",")]
+
+
+def refused(user: str, ports: list[int]) -> list[dict[str, Any]]:
+    """What ``ACL LOG`` on every node says ``user`` was refused (redis-py tries
+    ``CLIENT SETINFO`` and ignores a refusal)."""
+    found = []
+    for port in ports:
+        with redis_sync.Redis(port=port, decode_responses=True) as admin:
+            for entry in admin.acl_log(count=128):
+                if entry.get("username") == user and "setinfo" not in str(entry):
+                    found.append({"node": port, **entry})
+    return found
 
 
 async def test_one_leader_every_worker_agrees(demo: Demo) -> None:
@@ -158,8 +199,9 @@ async def test_a_session_made_on_one_worker_is_live_everywhere_and_ends_everywhe
         assert (await worker.get("/api/session", headers=cookie)).status_code == 401
 
 
-def test_the_coordinator_command_reads_the_status_over_every_primary(demo: Demo) -> None:
-    done = subprocess.run(
+async def test_the_coordinator_command_reads_the_status_over_every_primary(demo: Demo) -> None:
+    done = await asyncio.to_thread(
+        subprocess.run,
         [sys.executable, "-m", "coordinator.ops.cli", "status", "--json"],
         env={**os.environ, "REDIS_URL": demo.url, "COORDINATOR_NAMESPACE": demo.namespace},
         capture_output=True,
@@ -172,9 +214,11 @@ def test_the_coordinator_command_reads_the_status_over_every_primary(demo: Demo)
     assert "orders-" in json.dumps(status), "the channel streams of every shard are listed"
 
 
-async def test_http_clients_close(demo: Demo) -> None:
-    """Last in the module: every worker still answers (nothing crashed meanwhile)."""
+async def test_every_worker_still_answers_and_the_acl_refused_nothing(demo: Demo) -> None:
+    """Last in the module: every worker still answers (nothing crashed meanwhile), and
+    nothing the app and the command did above was refused by README's ACL line."""
     for worker in demo.workers:
         assert (await worker.get("/healthz")).status_code == 200
     async with httpx.AsyncClient(base_url=demo.cluster.base) as client:
         assert (await client.get("/readyz")).status_code == 200
+    assert refused(demo.user, demo.ports) == []

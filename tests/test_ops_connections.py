@@ -34,7 +34,7 @@ ACL_COMMANDS = (
     "+incr +hget +hset +xadd +xrange +xinfo|stream "
     "+hlen +zcard +zrange +zrem +rename +incrby +script|load "
     "+hdel +hexists +hkeys +hmget +sadd +srem +sismember +smembers +smismember "
-    "+zscore +hscan +unsubscribe +pubsub|numsub"
+    "+zscore +hscan +unsubscribe +pubsub|numsub +wait"
 )
 """Every command the library sends, directly or from its Lua scripts (README: ACL)."""
 
@@ -44,6 +44,20 @@ def acl_line(user: str, password: str, namespace: str) -> str:
         f"{user} on >{password} resetkeys resetchannels ~{{{namespace}}}:* "
         f"&{{{namespace}}}:* -@all {ACL_COMMANDS}"
     )
+
+
+CLUSTER_ACL_COMMANDS = "+cluster|slots +command +info +spublish +ssubscribe +sunsubscribe"
+"""What the library adds on Redis Cluster: the cluster client's slot map and command
+table, the relay's Redis version check and sharded Pub/Sub (README: Redis Cluster)."""
+
+
+def cluster_acl_line(user: str, password: str, namespace: str) -> list[str]:
+    """The ACL SETUSER arguments on Redis Cluster: the keys and channels of the
+    namespace's slot and of every channel's own slot (``{namespace/channel}``)."""
+    return (
+        f"{user} on >{password} resetkeys resetchannels ~{{{namespace}}}:* ~{{{namespace}/* "
+        f"&{{{namespace}}}:* &{{{namespace}/* -@all {ACL_COMMANDS} {CLUSTER_ACL_COMMANDS}"
+    ).split()
 
 
 def check_flow(seen: dict[str, Any]) -> None:
@@ -150,7 +164,12 @@ async def read_until(sub: Any, marker: bytes, timeout: float) -> bytes:
     return received
 
 
-def test_readme_documents_the_tested_acl_line() -> None:
+def test_readme_documents_the_tested_acl_lines() -> None:
+    """The single-node line (tested above) and the Cluster one (tests/test_app_cluster.py)."""
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    line = next(x for x in readme.splitlines() if x.startswith("ACL SETUSER coordinator "))
-    assert line.split("-@all ", 1)[1].split() == ACL_COMMANDS.split()
+    lines = [x for x in readme.splitlines() if x.startswith("ACL SETUSER coordinator ")]
+    cluster = [x for x in lines if "~{NAMESPACE/*" in x]
+    (single,) = [x for x in lines if x not in cluster]
+    assert single.split("-@all ", 1)[1].split() == ACL_COMMANDS.split()
+    want = cluster_acl_line("coordinator", "PASSWORD", "NAMESPACE")
+    assert [x.split() for x in cluster] == [["ACL", "SETUSER", *want]]
