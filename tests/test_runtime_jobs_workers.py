@@ -77,7 +77,9 @@ async def test_jobs_added_paused_run_and_removed_through_other_workers(
     async with AppCluster(redis_url, namespace, 4, env=FAST_ENV, app=APP).running() as cluster:
         leader, (a, b, c, *_) = await pinned_clients(cluster)
         # A date job added through one worker runs once, on the leader, at its time.
-        run_date = (datetime.now(UTC) + timedelta(seconds=1)).replace(microsecond=0)
+        # At least a second ahead (whole seconds), so the job is still listed when the
+        # other worker reads it back right after the add.
+        run_date = (datetime.now(UTC) + timedelta(seconds=2)).replace(microsecond=0)
         body = {
             "id": "remind-1",
             "task": "note",
