@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import random
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -332,7 +333,79 @@ async def test_redis_restart_live_delivery_resumes(redis_server: Any, namespace:
         await reader.wait_count(2)
         await async_wait_until(lambda: relay.ready, 15)
         assert reader.data() == ["before", "after"]
+        # Redis came back empty: what it lost between the two cannot be known, so the
+        # subscriber is told before the next event.
+        assert [e[1] for e in reader.events] == ["message", "reset", "message"]
+        assert reader.events[1][2]["reason"] == "lost"
         assert relay.stats.reconnects >= 1
+
+
+async def drop_listeners(url: str, conf: CoordinatorSettings, channel: str, then: str) -> None:
+    """CLIENT KILL TYPE pubsub, and in the same transaction the channel's stream deleted
+    (``then="gone"``) or deleted and published to again (``"recreated"``): Redis lost
+    the history while the listener was away, as in a restart without persistence."""
+    client = create_redis(url)
+    relay = EventRelay(conf, client)
+    keys, args = relay.publish_call(channel, "after")
+    try:
+        async with client.pipeline(transaction=True) as pipe:
+            pipe.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+            pipe.delete(relay.keys.stream(channel))
+            if then == "recreated":
+                pipe.eval(PUBLISH.source, len(keys), *keys, *args)
+            assert (await pipe.execute())[0] >= 1
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize("then", ["gone", "recreated"])
+async def test_history_lost_while_the_listener_was_away_is_announced_with_reset(
+    redis_server: Any, namespace: str, then: str
+) -> None:
+    conf = settings(redis_server.url, namespace, backoff_max_ms=500)
+    async with running(conf) as relay:
+        reader = Reader(await relay.subscribe("ch"))
+        before = await relay.publish("ch", "before")
+        await reader.wait_count(1)
+        await drop_listeners(redis_server.url, conf, "ch", then)
+        await async_wait_until(lambda: relay.stats.reconnects >= 1 and relay.ready, 15)
+        if then == "gone":
+            await relay.publish("ch", "after")
+        await reader.wait_count(2)
+        assert [e[1] for e in reader.events] == ["message", "reset", "message"]
+        assert reader.events[1][2] == {"reason": "lost", "last_event_id": before}
+        assert reader.data() == ["before", "after"]
+        # A client coming back with an id of the lost history is told too.
+        async with await relay.subscribe("ch", last_event_id=before) as sub:
+            late = Reader(sub)
+            await late.wait_count(1)
+            assert [e[1] for e in late.events] == ["reset", "message"]
+            assert late.events[0][2]["reason"] == "lost"
+
+
+async def test_a_stream_gone_by_its_idle_expiry_is_no_loss(
+    redis_server: Any, namespace: str
+) -> None:
+    conf = settings(redis_server.url, namespace, backoff_max_ms=500, relay_stream_ttl_s=1)
+    async with running(conf) as relay:
+        reader = Reader(await relay.subscribe("ch"))
+        await relay.publish("ch", "before")
+        await reader.wait_count(1)
+        stream = relay.keys.stream("ch")
+
+        async def expired() -> bool:
+            return not await relay.redis.exists(stream)
+
+        await async_wait_until(expired, 10)
+        # idle past its expiry: its stream is gone, and nothing was lost
+        await async_wait_until(
+            lambda: time.time() * 1000 - int(reader.ids()[0].split("-")[0]) > 1000, 10
+        )
+        missed = await kill_listeners_and_publish(redis_server.url, conf, "ch", "after")
+        await reader.wait_count(2)
+        assert [e[1] for e in reader.events] == ["message", "message"]
+        assert reader.ids()[1] == missed
+        assert relay.stats.resets_sent == 0
 
 
 async def test_a_publish_burst_beyond_the_pool_waits_instead_of_failing(

@@ -7,6 +7,7 @@ last id it ever generated, its oldest retained id, and whether it was trimmed.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from coordinator.errors import REDIS_UNREACHABLE, RedisUnavailableError
@@ -36,18 +37,38 @@ class ReplayResult:
                 (parse_event_id(raw), sse_frame(raw, values[b"event"], values[b"data"]))
             )
 
-    def lost_after(self, after: EventId) -> str | None:
-        """Why events after ``after`` may be missing from this read, or None if none are."""
+    def lost_after(self, after: EventId, stream_ttl_s: float) -> str | None:
+        """Why events after ``after`` may be missing from this read, or None if none are.
+
+        - ``unknown-id``: ``after`` is newer than any id the stream ever generated.
+        - ``trimmed``: the oldest retained entry is newer than ``after`` and the stream
+          was trimmed (conservative: ``after`` itself may have been the newest removed).
+        - ``lost``: the stream cannot have held ``after`` and its idle expiry
+          (``stream_ttl_s`` after the last publish) cannot explain why. It is gone
+          although ``after`` is younger than ``stream_ttl_s``, or it was never trimmed
+          yet starts after ``after`` with its first entry added within ``stream_ttl_s``
+          of ``after``, when the old stream still existed. So it was deleted, or lost
+          with Redis' data (a restart without persistence), and events after ``after``
+          published before that may be gone unseen. ``after`` 0-0 (nothing seen yet)
+          loses nothing. Compares the local clock with Redis' ids when the stream is
+          gone: skew matters only near ``stream_ttl_s``.
+        """
         if not self.exists:
-            return None
+            now_ms = time.time() * 1000
+            return "lost" if _within(after, now_ms, stream_ttl_s) else None
         if self.last_generated is not None and after > self.last_generated:
             return "unknown-id"
-        # Trimming removes the oldest entries, so events after `after` were lost if the
-        # oldest retained is newer than `after` (conservative: `after` itself may have
-        # been the newest entry removed).
-        if self.trimmed == 0 or self.first_id is None:
+        if self.first_id is None or self.first_id <= after:
             return None
-        return "trimmed" if self.first_id > after else None
+        if self.trimmed != 0:  # trimmed, or unknown (Redis < 7.0): assume trimmed
+            return "trimmed"
+        return "lost" if _within(after, self.first_id.ms, stream_ttl_s) else None
+
+
+def _within(after: EventId, at_ms: float, ttl_s: float) -> bool:
+    """Whether a stream that held ``after`` (a real id, not 0-0) must still have
+    existed at ``at_ms``, its idle expiry not yet due."""
+    return after != EventId(0, 0) and at_ms - after.ms < ttl_s * 1000
 
 
 async def read_history(

@@ -31,7 +31,11 @@ Guarantees:
   streams after the last id it queued. Each recovery adds one to
   ``EventRelay.stats.reconnects``; :attr:`EventRelay.ready` is false meanwhile.
 - A subscriber whose id is older than the retained history (or unknown to
-  this Redis) first receives an event ``reset``.
+  this Redis) first receives an event ``reset``. So does one whose channel's stream
+  Redis lost since its last event (gone or recreated, which the stream's idle expiry
+  cannot explain: a restart without persistence, a ``DEL``), found by the backfill
+  after the listener reconnects: an event acknowledged just before the loss may never
+  have been heard (:meth:`~coordinator.relay.history.ReplayResult.lost_after`).
 - Internal consumers of other Pub/Sub channels (shared state) ride on the same
   listener connection and its supervision (:meth:`EventRelay.watch`,
   :mod:`coordinator.relay.watchers`).
@@ -60,9 +64,10 @@ Limits:
   older version is subscribed (counted in the publish script), so events
   cross between versions both ways; duplicates are dropped by id.
 - History is what the stream retains: about ``relay_history`` events per
-  channel, and nothing of what a Redis restart without persistence lost.
-  Events published while the stream key did not exist and then lost cannot be
-  detected, so no ``reset`` is sent for them.
+  channel, and nothing of what a Redis restart without persistence lost. A
+  subscriber that had seen no event of its channel (its stream did not exist) gets
+  no ``reset`` for what such a restart lost, nor one whose stream went idle past
+  ``relay_stream_ttl_s`` before the loss.
 """
 
 from __future__ import annotations
@@ -379,7 +384,7 @@ class EventRelay:
                 return
             result = await self._read(sub.channel, after, None)
             assert after is not None
-            reason = result.lost_after(after)
+            reason = result.lost_after(after, self.settings.relay_stream_ttl_s)
             reset = reset_frame(after, reason) if reason else None
             if reason == "unknown-id" and result.last_generated is not None:
                 sub.last_id = after = result.last_generated
@@ -864,7 +869,8 @@ class EventRelay:
                 if not sub.backfilling or sub.closed is not None:
                     continue
                 floor = sub.last_id or EventId(0, 0)
-                reason = result.lost_after(floor) if sub.last_id is not None else None
+                ttl = self.settings.relay_stream_ttl_s
+                reason = result.lost_after(floor, ttl) if sub.last_id is not None else None
                 reason = None if reason == "unknown-id" else reason
                 sub.add_replayed(
                     [e for e in entries if e[0] > floor],
