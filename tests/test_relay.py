@@ -281,19 +281,32 @@ async def test_not_ready_without_redis_and_subscribe_fails_clearly(namespace: st
 
 
 async def kill_listeners_and_publish(
-    url: str, conf: CoordinatorSettings, channel: str, data: Any
-) -> str:
+    url: str,
+    conf: CoordinatorSettings,
+    channel: str,
+    data: Any,
+    *,
+    delete_stream: bool = False,
+    publish: bool = True,
+) -> str | None:
     """CLIENT KILL TYPE pubsub and a publish in one transaction: the event is published
-    while no listener is subscribed, so only a backfill from the stream can deliver it."""
+    while no listener is subscribed, so only a backfill from the stream can deliver it.
+    ``delete_stream`` deletes the channel's stream first (Redis lost the history while
+    the listener was away, as in a restart without persistence); ``publish=False``
+    leaves it gone. Returns the published id."""
     client = create_redis(url)
-    keys, args = EventRelay(conf, client).publish_call(channel, data)
+    relay = EventRelay(conf, client)
+    keys, args = relay.publish_call(channel, data)
     try:
         async with client.pipeline(transaction=True) as pipe:
             pipe.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
-            pipe.eval(PUBLISH.source, len(keys), *keys, *args)
-            killed, event_id = await pipe.execute()
-        assert killed >= 1
-        return str(event_id.decode())
+            if delete_stream:
+                pipe.delete(relay.keys.stream(channel))
+            if publish:
+                pipe.eval(PUBLISH.source, len(keys), *keys, *args)
+            replies = await pipe.execute()
+        assert replies[0] >= 1
+        return str(replies[-1].decode()) if publish else None
     finally:
         await client.aclose()
 
@@ -340,24 +353,6 @@ async def test_redis_restart_live_delivery_resumes(redis_server: Any, namespace:
         assert relay.stats.reconnects >= 1
 
 
-async def drop_listeners(url: str, conf: CoordinatorSettings, channel: str, then: str) -> None:
-    """CLIENT KILL TYPE pubsub, and in the same transaction the channel's stream deleted
-    (``then="gone"``) or deleted and published to again (``"recreated"``): Redis lost
-    the history while the listener was away, as in a restart without persistence."""
-    client = create_redis(url)
-    relay = EventRelay(conf, client)
-    keys, args = relay.publish_call(channel, "after")
-    try:
-        async with client.pipeline(transaction=True) as pipe:
-            pipe.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
-            pipe.delete(relay.keys.stream(channel))
-            if then == "recreated":
-                pipe.eval(PUBLISH.source, len(keys), *keys, *args)
-            assert (await pipe.execute())[0] >= 1
-    finally:
-        await client.aclose()
-
-
 @pytest.mark.parametrize("then", ["gone", "recreated"])
 async def test_history_lost_while_the_listener_was_away_is_announced_with_reset(
     redis_server: Any, namespace: str, then: str
@@ -367,7 +362,9 @@ async def test_history_lost_while_the_listener_was_away_is_announced_with_reset(
         reader = Reader(await relay.subscribe("ch"))
         before = await relay.publish("ch", "before")
         await reader.wait_count(1)
-        await drop_listeners(redis_server.url, conf, "ch", then)
+        await kill_listeners_and_publish(
+            redis_server.url, conf, "ch", "after", delete_stream=True, publish=then == "recreated"
+        )
         await async_wait_until(lambda: relay.stats.reconnects >= 1 and relay.ready, 15)
         if then == "gone":
             await relay.publish("ch", "after")

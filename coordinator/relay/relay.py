@@ -853,6 +853,7 @@ class EventRelay:
 
     async def _backfill(self) -> None:
         """After (re)subscribing: read each channel's stream after its subscribers' ids."""
+        ttl = self.settings.relay_stream_ttl_s
         for channel, subs in list(self._subs.items()):
             waiting = [s for s in subs if s.backfilling and s.closed is None]
             if not waiting:
@@ -869,7 +870,6 @@ class EventRelay:
                 if not sub.backfilling or sub.closed is not None:
                     continue
                 floor = sub.last_id or EventId(0, 0)
-                ttl = self.settings.relay_stream_ttl_s
                 reason = result.lost_after(floor, ttl) if sub.last_id is not None else None
                 reason = None if reason == "unknown-id" else reason
                 sub.add_replayed(
