@@ -332,6 +332,10 @@ class Publisher:
         self.writer: asyncio.StreamWriter | None = None
 
     async def _connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self.reader is not None and self.reader.at_eof():
+            # The server closed the idle keep-alive connection (uvicorn does after 5 s,
+            # e.g. while a slow system's latency phase settles): not a failed publish.
+            await self.aclose()
         if self.reader is None or self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         return self.reader, self.writer
