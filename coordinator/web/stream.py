@@ -24,7 +24,11 @@ its own and per event it wakes none:
 Guarantees: the bytes on the wire are exactly the subscription's frames, in
 order, each written once; one write never interleaves with another of the same
 stream. ``send`` runs in a copy of the request's context, so middleware that
-reads context variables sees the request's values.
+reads context variables sees the request's values. Under
+:class:`~coordinator.web.direct_send.DirectStreamWrites` (which
+``Coordinator.install`` adds), the body chunks skip the send wrappers of the
+middleware inside it that only watch the response start; the start itself
+takes the full chain.
 
 Limits: users' own streams should keep using sse-starlette's
 ``EventSourceResponse``; this response streams only a ``Subscription``.
@@ -48,6 +52,7 @@ from coordinator.relay.events import hello_frame, retry_frame
 from coordinator.relay.subscription import Subscription
 from coordinator.settings import CoordinatorSettings
 from coordinator.tasks import cancel_and_wait
+from coordinator.web.direct_send import stream_send
 from coordinator.web.shutdown import server_is_exiting
 
 logger = logging.getLogger("coordinator.relay")
@@ -99,6 +104,7 @@ class ChannelEventResponse(Response):
         streams = _streams()
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            send = stream_send(scope, send)  # the body past pass-through wrappers
             await send(_body(self._first))
             while (chunk := sub.take()) is not None:  # the replay, before going live
                 await send(_body(chunk))
