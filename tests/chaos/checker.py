@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -308,17 +309,29 @@ def check_readiness(h: History) -> list[str]:
 
 
 # -- SSE --------------------------------------------------------------------------------
+def unreceived(
+    published: list[str], entries: list[tuple[str, str | None]]
+) -> Iterator[tuple[str, bool]]:
+    """``(id, announced)`` for each published id a client's log does not hold, in
+    publish order. ``announced``: a ``reset`` came after the last event the client got
+    before that id and before the first it got after it (a reset elsewhere, such as one
+    for an earlier loss, does not cover it)."""
+    delivered = [(i, id_key(v)) for i, (k, v) in enumerate(entries) if k == "message" and v]
+    got = {v for k, v in entries if k == "message" and v}
+    resets = [i for i, (k, _) in enumerate(entries) if k == "reset"]
+    for pid in published:
+        if pid in got:
+            continue
+        key = id_key(pid)
+        before = max((i for i, v in delivered if v < key), default=-1)
+        after = min((i for i, v in delivered if v > key), default=len(entries))
+        yield pid, any(before < r < after for r in resets)
+
+
 def sse_losses(h: History, client: ClientLog) -> tuple[list[str], int]:
     """(violations, events lost with a reset) for one client."""
     out: list[str] = []
-    delivered: list[tuple[int, str]] = []  # (position in log, id)
-    resets: list[int] = []
-    for i, (kind, value) in enumerate(client.entries):
-        if kind == "message" and value is not None:
-            delivered.append((i, value))
-        elif kind == "reset":
-            resets.append(i)
-    ids = [v for _, v in delivered]
+    ids = [v for kind, v in client.entries if kind == "message" and v]
     dups = [k for k, n in Counter(ids).items() if n > 1]
     if dups:
         out.append(f"{client.name} received {len(dups)} events more than once (e.g. {dups[0]})")
@@ -327,15 +340,8 @@ def sse_losses(h: History, client: ClientLog) -> tuple[list[str], int]:
         if b < a:
             out.append(f"{client.name} received {b} after {a}: out of order")
             break
-    got = set(ids)
     lost = 0
-    for pid in h.published:
-        if pid in got:
-            continue
-        k = id_key(pid)
-        before = max((i for i, v in delivered if id_key(v) < k), default=-1)
-        after = min((i for i, v in delivered if id_key(v) > k), default=len(client.entries))
-        announced = any(before < r < after for r in resets)
+    for pid, announced in unreceived(h.published, client.entries):
         if not announced:
             out.append(f"{client.name} never received {pid} and got no reset for it")
         elif client.replay_ok:

@@ -17,7 +17,7 @@ from coordinator.testing import TcpProxy
 from ..support.app_cluster import HOST, AppCluster
 from ..support.reconnecting_client import ReconnectingClient
 from ..support.timing import FAST_ENV
-from .checker import ClientLog, Fault, History, ProcRecord
+from .checker import ClientLog, Fault, History, ProcRecord, unreceived
 
 POD_ENV = {**FAST_ENV, "DEMO_COLLECT_EVERY_S": "0.5"}
 
@@ -104,21 +104,27 @@ class Pods:
                 await asyncio.wait_for(stop.wait(), 0.2)
 
     async def wait_delivered(self, timeout: float = 30) -> None:
-        """Every client holds every published id (or was told with a reset)."""
+        """Every client holds every published id, or got a reset where it lost some (the
+        checker's rule: a reset for an earlier loss does not excuse a later event)."""
         want = set(self.published)
         deadline = time.monotonic() + timeout
         while True:
-            short = [c for c in self.clients if not c.caught_up(want)]
+            short = [c for c in self.clients if not self._caught_up(c, want)]
             if not short:
                 return
             if time.monotonic() > deadline:
                 worst = short[0]
-                missing = sorted(want - worst.ids())[:5]
+                missing = [p for p, told in unreceived(self.published, worst.entries) if not told]
                 raise AssertionError(
                     f"{len(short)} clients short, e.g. {worst.name} misses "
-                    f"{missing}; log tail {worst.entries[-6:]}"
+                    f"{missing[:5]} with no reset for them; log tail {worst.entries[-6:]}"
                 )
             await asyncio.sleep(0.05)
+
+    def _caught_up(self, client: ReconnectingClient, want: set[str]) -> bool:
+        if want <= client.ids():
+            return True
+        return all(announced for _, announced in unreceived(self.published, client.entries))
 
     async def stop(self) -> list[ProcRecord]:
         for client in self.clients:

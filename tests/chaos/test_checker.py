@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .checker import ClientLog, Fault, History, ProcRecord, check, measure
+from .checker import ClientLog, Fault, History, ProcRecord, check, measure, unreceived
 
 
 def ev(event: str, t: float, **fields: Any) -> dict[str, Any]:
@@ -159,6 +159,20 @@ def test_sse_loss_with_reset_is_allowed_only_beyond_the_window() -> None:
     h.clients[0].replay_ok = False
     assert check(h) == []
     assert measure(h)["lost_events"] == 1
+
+
+def test_a_reset_covers_only_the_gap_it_sits_in() -> None:
+    """A reset for an earlier loss does not excuse a later event that never came (the
+    harness waited on this rule too: it stopped the clients before the last event
+    arrived, then the check failed)."""
+    h = good()
+    h.clients[0].replay_ok = False
+    h.clients[0].entries[4] = ("reset", None)  # 2-0 lost, announced; 3-0 received
+    h.published.append("4-0")  # not (yet) received
+    assert list(unreceived(h.published, h.clients[0].entries)) == [("2-0", True), ("4-0", False)]
+    assert any("never received 4-0 and got no reset" in v for v in check(h))
+    h.clients[0].entries.append(("reset", None))  # its own reset covers it
+    assert check(h) == []
 
 
 def test_readiness_must_be_503_while_unreachable_and_200_after() -> None:

@@ -20,7 +20,7 @@ import redis as redis_sync
 from coordinator.testing import TcpProxy
 
 from ..support.reconnecting_client import ReconnectingClient
-from .checker import Fault, check, measure
+from .checker import Fault, check, id_key, measure
 from .conftest import record
 from .pods import Pods
 
@@ -44,7 +44,28 @@ async def finish(
     print(
         f"{scenario}: {measured}, published {len(pods.published)}, client reconnects {reconnects}"
     )
+    if violations:
+        print(diagnose(pods, procs, violations))
     assert violations == [], "\n".join(violations[:20])
+
+
+def diagnose(pods: Pods, procs: list[Any], violations: list[str]) -> str:
+    """For a failed check: where the missing ids sit among the published ones, each
+    client's log around the first of them, and the pods' log tails."""
+    missing = sorted({v.split()[3] for v in violations if " never received " in v})
+    lines = [f"missing ids: {missing}"]
+    if missing:
+        at = pods.published.index(missing[0])
+        lines.append(f"published around it: {pods.published[max(0, at - 5) : at + 6]}")
+        for client in pods.clients:
+            ids = [v for _, v in client.entries]
+            first = id_key(missing[0])
+            near = next(
+                (i for i, v in enumerate(ids) if v is not None and id_key(v) >= first), len(ids)
+            )
+            lines.append(f"{client.name}: {client.entries[max(0, near - 6) : near + 6]}")
+    lines += [f"--- {p.name} (exit {p.exit_code}) ---\n{p.stderr}" for p in procs]
+    return "\n".join(lines)
 
 
 async def publish_many(

@@ -69,9 +69,6 @@ class ReconnectingClient:
     def ids(self) -> set[str]:
         return {v for k, v in self.entries if k == "message" and v}
 
-    def caught_up(self, want: set[str]) -> bool:
-        return want <= self.ids() or any(k == "reset" for k, _ in self.entries)
-
     def messages(self) -> list[str]:
         """Ids of the ``message`` events received, in arrival order, across reconnects."""
         return [v for k, v in self.entries if k == "message" and v]
