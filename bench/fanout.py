@@ -28,7 +28,11 @@ For each system and client count N:
 2. latency: ``--events`` events at ``--rate``/s from 4 keep-alive HTTP connections
    (:class:`Publisher`, raw HTTP/1.1 so the driver costs little CPU; payload
    ``{"phase", "seq", "t": time.monotonic()}``); for every (stream, event) the
-   receive time minus ``t``: p50, p99, and the share of deliveries that arrived.
+   receive time minus ``t``: p50, p99, and the share of deliveries that arrived. The
+   JSON also has the phase by event (``per_event``: each event's p50, p99 and max,
+   ``slowest_events``, and ``events_over_p99``, how many events have their own p99
+   above the phase's): a few such events mean the p99 was set by a few slow moments,
+   not by every event.
 3. burst: ``--burst`` events as fast as the 4 publishers go; delivered events/s =
    deliveries / (last delivery - first publish).
 
@@ -94,7 +98,7 @@ from coordinator.testing.servers import die_with_parent
 from tests.support.app_cluster import HOST, WORKER_HEALTHCHECK_S, AppCluster
 from tests.support.procs import ROOT
 
-from ._stats import cpu_model
+from ._stats import cpu_model, percentile
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
@@ -282,6 +286,28 @@ class LoadClients:
             for ms, count in part["buckets"]:
                 merged[ms] = merged.get(ms, 0) + count
         return sorted(merged.items())
+
+    async def per_event(self) -> list[dict[str, float]]:
+        """The latency phase by event, in publish order: ``seq``, ``t`` (s after the
+        first event was published), deliveries ``n``, and ``p50``/``p99``/``max`` ms."""
+        latencies: dict[int, list[float]] = {}
+        published: dict[int, float] = {}
+        for part in await self.ask("events"):
+            for seq, t, values in part["events"]:
+                latencies.setdefault(seq, []).extend(v / 1000 for v in values)
+                published[seq] = t
+        start = min(published.values(), default=0.0)
+        return [
+            {
+                "seq": seq,
+                "t": round(published[seq] - start, 3),
+                "n": len(values),
+                "p50": round(percentile(values, 50), 2),
+                "p99": round(percentile(values, 99), 2),
+                "max": round(max(values), 2),
+            }
+            for seq, values in sorted(latencies.items())
+        ]
 
     def cpu_s(self) -> float:
         return cpu(self.ps)
@@ -554,7 +580,12 @@ async def run_one(
             cpu2 = meter.snapshot()
             hist = await load.histogram("latency")
             delivered = sum(count for _, count in hist)
+            by_event = await load.per_event()
+            p99 = hist_percentile(hist, 99)
             result |= {
+                "events_over_p99": sum(1 for e in by_event if e["p99"] > p99),
+                "slowest_events": sorted(by_event, key=lambda e: -e["p99"])[:5],
+                "per_event": by_event,
                 "p50_ms": hist_percentile(hist, 50),
                 "p99_ms": hist_percentile(hist, 99),
                 "max_ms": hist[-1][0] if hist else math.nan,
@@ -809,7 +840,8 @@ def main(argv: list[str]) -> int:
             for system in systems:
                 print(f"-- {system}, {n} clients", flush=True)
                 results.append(await attempt(system, n, False))
-                print(json.dumps(results[-1]), flush=True)
+                shown = {k: v for k, v in results[-1].items() if k != "per_event"}
+                print(json.dumps(shown), flush=True)
         if args.idle:
             for system in systems:
                 print(f"-- {system}, {args.idle} idle streams", flush=True)

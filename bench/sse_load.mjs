@@ -20,9 +20,13 @@
 //                 {count, first, last}}, other_events, bad_events}  (first/last: monotonic s)
 //   hist PHASE    {"type":"hist", phase, buckets: [[latency_ms, count], ...]} (sparse:
 //                 10 us wide below 100 ms, 1 ms wide above, 120 s cap)
+//   events        {"type":"events", events: [[seq, t, [latency_us, ...]], ...]}: every
+//                 delivery of the `latency` phase by event (its `seq` and publish time
+//                 `t`), to tell a slow event from a slow stream
 //   close         closes every stream, answers {"type":"closed"} and exits
 //
-// Nothing per event is allocated beyond the parse, and nothing is printed per event.
+// Nothing per event is allocated beyond the parse (and, in the `latency` phase, one number
+// per delivery for `events`), and nothing is printed per event.
 
 import net from "node:net";
 import readline from "node:readline";
@@ -64,6 +68,16 @@ function record(phase, latency, at) {
   p.last = at;
 }
 
+const perEvent = new Map(); // seq -> [t, latencies in us], the latency phase only
+function recordEvent(seq, t, latency) {
+  let entry = perEvent.get(seq);
+  if (entry === undefined) {
+    entry = [t, []];
+    perEvent.set(seq, entry);
+  }
+  entry[1].push(Math.round(latency * 1e6));
+}
+
 const statuses = {};
 let connected = 0; // streams that answered 200
 let failed = 0; // connect errors and timeouts before a response head
@@ -100,6 +114,7 @@ function handleBlock(block, at) {
     if (typeof body === "string") body = JSON.parse(body);
     if (typeof body.t !== "number") throw new Error("no t");
     record(String(body.phase), at - body.t, at);
+    if (body.phase === "latency" && typeof body.seq === "number") recordEvent(body.seq, body.t, at - body.t);
   } catch {
     badEvents++;
   }
@@ -260,6 +275,10 @@ function hist(phase) {
   return { type: "hist", phase, buckets };
 }
 
+function events() {
+  return { type: "events", events: [...perEvent].map(([seq, [t, lat]]) => [seq, t, lat]) };
+}
+
 async function main() {
   const started = now();
   for (let opened = 0; opened < N; opened += WAVE) {
@@ -275,6 +294,7 @@ async function main() {
     const [cmd, arg] = line.trim().split(/\s+/);
     if (cmd === "stats") emit(stats());
     else if (cmd === "hist") emit(hist(arg));
+    else if (cmd === "events") emit(events());
     else if (cmd === "close") break;
   }
   closing = true;
