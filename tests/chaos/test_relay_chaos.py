@@ -20,7 +20,7 @@ import redis as redis_sync
 from coordinator.testing import TcpProxy
 
 from ..support.reconnecting_client import ReconnectingClient
-from .checker import Fault, check, id_key, measure
+from .checker import Fault, ProcRecord, check, id_key, measure, unreceived
 from .conftest import record
 from .pods import Pods
 
@@ -45,21 +45,24 @@ async def finish(
         f"{scenario}: {measured}, published {len(pods.published)}, client reconnects {reconnects}"
     )
     if violations:
-        print(diagnose(pods, procs, violations))
+        print(diagnose(pods, procs))
     assert violations == [], "\n".join(violations[:20])
 
 
-def diagnose(pods: Pods, procs: list[Any], violations: list[str]) -> str:
-    """For a failed check: where the missing ids sit among the published ones, each
-    client's log around the first of them, and the pods' log tails."""
-    missing = sorted({v.split()[3] for v in violations if " never received " in v})
-    lines = [f"missing ids: {missing}"]
+def diagnose(pods: Pods, procs: list[ProcRecord]) -> str:
+    """For a failed check: the ids some client lacks with no reset for them, where the
+    first sits among the published ones, each client's log around it, the pods' logs."""
+    untold = {
+        p for c in pods.clients for p, told in unreceived(pods.published, c.entries) if not told
+    }
+    missing = [p for p in pods.published if p in untold]
+    lines = [f"missing ids: {missing[:20]}"]
     if missing:
         at = pods.published.index(missing[0])
         lines.append(f"published around it: {pods.published[max(0, at - 5) : at + 6]}")
+        first = id_key(missing[0])
         for client in pods.clients:
             ids = [v for _, v in client.entries]
-            first = id_key(missing[0])
             near = next(
                 (i for i, v in enumerate(ids) if v is not None and id_key(v) >= first), len(ids)
             )
