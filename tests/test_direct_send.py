@@ -7,12 +7,22 @@ middleware stacks FastAPI builds; in process, that a stream's body really skips 
 known inner layer and only where it was checked (not in a mounted app); and end to
 end on a real uvicorn worker and Redis: a recording middleware sees exactly the
 frames the client got, in order.
+
+Past the middleware, chunks go straight to uvicorn's transport
+(coordinator.web.transport_send) only on httptools with nothing wrapping ``send``,
+framed as uvicorn frames them; a client that stops reading makes them wait in
+``send`` and the queue, then gets every event, or is cut off at the queue's limit.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
+import socket
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -23,7 +33,7 @@ from starlette.routing import BaseRoute, Host, Mount, Route, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from coordinator import Coordinator, CoordinatorSettings
-from coordinator.relay.events import EventId
+from coordinator.relay.events import EventId, parse_event_id
 from coordinator.relay.subscription import Subscription
 from coordinator.testing import async_wait_until
 from coordinator.web import direct_send
@@ -73,6 +83,29 @@ def test_user_middleware_outside_keeps_it_inside_turns_it_off() -> None:
     assert not shortcut_on(inside)
 
 
+async def stream_through(app: AppCluster, events: int = 30) -> tuple[SSEClient, dict[str, Any]]:
+    """Start ``app`` (``tests.support.recorded_app``), open one stream, publish ``events``
+    events and wait for them; returns the client and ``GET /recorded`` (asked while the
+    stream is still open)."""
+    async with app.running(exit_codes=(0, -15)):
+        client = await SSEClient(HOST, app.port, "/api/channels/rec/events").connect()
+        assert client.status == 200, client.body
+        client.start()
+        try:
+            (publisher,) = await app.publishers(1)
+            for seq in range(events):
+                await app.publish(publisher, "rec", {"seq": seq})
+            await publisher.aclose()
+            await async_wait_until(
+                lambda: len(client.of("message")) >= events, timeout=30, message="all events"
+            )
+            recorded = (await app.get("/recorded")).json()
+        finally:
+            await client.close()
+    assert [m.json()["seq"] for m in client.of("message")] == list(range(events))
+    return client, recorded
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(("place", "direct"), [("outside", True), ("inside", False)])
@@ -86,27 +119,44 @@ async def test_a_recording_middleware_sees_every_frame_the_client_gets(
         app="tests.support.recorded_app:app",
         env={"RECORDER": place, "COORDINATOR_SSE_PING_S": "60"},
     )
-    async with app.running(exit_codes=(0, -15)):
-        client = await SSEClient(HOST, app.port, "/api/channels/rec/events").connect()
-        assert client.status == 200, client.body
-        client.start()
-        try:
-            (publisher,) = await app.publishers(1)
-            for seq in range(30):
-                await app.publish(publisher, "rec", {"seq": seq})
-            await publisher.aclose()
-            await async_wait_until(
-                lambda: len(client.of("message")) >= 30, timeout=30, message="30 events"
-            )
-            recorded = (await app.get("/recorded")).json()
-        finally:
-            await client.close()
-    assert [m.json()["seq"] for m in client.of("message")] == list(range(30))
+    client, recorded = await stream_through(app)
     assert recorded["direct"] is direct
+    assert recorded["transport_streams"] == 0  # a wrapper outside the app's own: send it is
     body = recorded["body"]
     assert re.findall(r"^id: (\S+)$", body, re.M) == [m.id for m in client.messages if m.id]
     assert re.findall(r"^data: (.*)$", body, re.M) == [m.data for m in client.messages]
     assert body.startswith("retry: ")  # the stream's first bytes, also seen
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    ("uvicorn_args", "transport"),
+    [
+        (("--http", "httptools"), 1),
+        (("--http", "h11"), 0),  # not a server whose state transport_send knows
+        (("--http", "httptools", "--log-level", "trace"), 0),  # uvicorn wraps send to log
+    ],
+)
+async def test_chunks_go_straight_to_uvicorns_transport_only_where_nothing_wraps_send(
+    redis_url: str, namespace: str, uvicorn_args: tuple[str, ...], transport: int
+) -> None:
+    """The demo's stack on a real uvicorn worker: the stream writes its chunks to the
+    transport on httptools with nothing around the app, and takes ``send`` otherwise;
+    either way the client parses every event, in order, with its id."""
+    app = AppCluster(
+        redis_url,
+        namespace,
+        workers=1,
+        app="tests.support.recorded_app:app",
+        env={"RECORDER": "none", "COORDINATOR_SSE_PING_S": "60"},
+        uvicorn_args=uvicorn_args,
+    )
+    client, recorded = await stream_through(app, events=200)
+    assert recorded["transport_streams"] == transport
+    ids = [parse_event_id(m.id) for m in client.of("message") if m.id]
+    assert len(ids) == 200 and ids == sorted(ids)
+    assert client.of("hello"), "the hello event comes first, as always"
 
 
 class Recording:
@@ -261,3 +311,108 @@ def test_a_routers_own_middleware_is_checked() -> None:
     assert first_blocker(Router([], middleware=[Middleware(UserMiddleware)])) == unknown
     assert first_blocker(Router([], middleware=[Middleware(CORSMiddleware)])) is None
     assert first_blocker(Router([])) is None
+
+
+def bufferable_bytes() -> int:
+    """More than the kernel can hold for one loopback connection: the largest send
+    buffer, the largest receive buffer, and uvicorn's write high-water mark."""
+
+    def largest(path: str) -> int:
+        return int(Path(path).read_text().split()[2])
+
+    return largest("/proc/sys/net/ipv4/tcp_wmem") + largest("/proc/sys/net/ipv4/tcp_rmem") + 2**17
+
+
+def dechunk(raw: bytes) -> tuple[bytes, bytes, bool]:
+    """Strictly decode the whole HTTP/1.1 chunks at the start of ``raw``: their bytes,
+    what is left (a partial chunk), and whether the last chunk (size 0) came. A
+    malformed chunk raises."""
+    decoded = []
+    while (end := raw.find(b"\r\n")) != -1:
+        size = int(raw[:end], 16)
+        if len(raw) < end + 2 + size + 2:
+            break
+        assert raw[end + 2 + size : end + 4 + size] == b"\r\n", "a chunk not ended by CRLF"
+        decoded.append(raw[end + 2 : end + 2 + size])
+        raw = raw[end + 4 + size :]
+        if size == 0:
+            return b"".join(decoded), raw, True
+    return b"".join(decoded), raw, False
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("cut", [False, True], ids=["reads-later", "never-reads"])
+async def test_a_client_that_stops_reading_gets_every_event_in_order_or_is_cut_off(
+    redis_url: str, namespace: str, cut: bool
+) -> None:
+    """Straight transport writes and ``send`` mixed: while the client does not read,
+    the kernel's buffers fill, uvicorn pauses writing, and the stream's chunks wait in
+    ``send`` and the subscription's queue. Once it reads, every event arrives, whole,
+    once, in order, in well-formed chunks; with a short queue it was cut off instead:
+    it gets a prefix of the events and no last chunk."""
+    pad = "x" * 60_000
+    events = -(-2 * bufferable_bytes() // len(pad))  # far more than fits in the buffers
+    queue = 32 if cut else events + 100
+    app = AppCluster(
+        redis_url,
+        namespace,
+        workers=1,
+        app="tests.support.recorded_app:app",
+        env={
+            "RECORDER": "none",
+            "COORDINATOR_SSE_PING_S": "60",
+            "COORDINATOR_RELAY_CLIENT_QUEUE": str(queue),
+            "COORDINATOR_RELAY_HISTORY": str(events + 100),
+        },
+        uvicorn_args=("--http", "httptools"),
+    )
+    path = "/api/channels/paused/events"
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    async with app.running(exit_codes=(0, -15)):
+        try:
+            sock.connect((HOST, app.port))
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += sock.recv(1)  # the head only; the body waits
+            assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head
+
+            async def recorded() -> dict[str, Any]:
+                return dict((await app.get("/recorded")).json())
+
+            async def writes_to_the_transport() -> bool:
+                return (await recorded())["transport_streams"] == 1
+
+            await async_wait_until(writes_to_the_transport, timeout=10, message="no stream")
+            (publisher,) = await app.publishers(1)
+            for seq in range(events):
+                await app.publish(publisher, "paused", {"seq": seq, "pad": pad})
+            await publisher.aclose()
+
+            sock.setblocking(False)
+            loop = asyncio.get_running_loop()
+            raw, text, seqs, ended, eof = b"", b"", [], False, False
+            async with asyncio.timeout(60):
+                while len(seqs) < events and not eof:
+                    received = await loop.sock_recv(sock, 1 << 20)
+                    eof = not received
+                    decoded, raw, last = dechunk(raw + received)
+                    ended = ended or last
+                    *blocks, text = (text + decoded).split(b"\n\n")
+                    for block in blocks:
+                        if block.startswith(b"id: ") and b"\nevent: message\n" in block:
+                            data = json.loads(block.split(b"\ndata: ", 1)[1])
+                            assert data["pad"] == pad
+                            seqs.append(data["seq"])
+            assert not ended, "a client cut off gets no last chunk; one reading is not ended"
+            if cut:
+                assert eof and 0 < len(seqs) < events, (len(seqs), events)
+                assert seqs == list(range(len(seqs)))
+                assert (await recorded())["open_streams"] == 0
+            else:
+                assert seqs == list(range(events))
+                assert (await recorded())["open_streams"] == 1  # never cut off
+        finally:
+            sock.close()

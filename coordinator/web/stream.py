@@ -28,7 +28,10 @@ reads context variables sees the request's values. Under
 :class:`~coordinator.web.direct_send.DirectStreamWrites` (which
 ``Coordinator.install`` adds), the body chunks skip the send wrappers of the
 middleware inside it that only watch the response start; the start itself
-takes the full chain.
+takes the full chain. Where that leaves nothing but uvicorn's ``httptools``
+``send`` (and Starlette's server-error wrapper), live chunks are written straight
+to uvicorn's transport whenever ``send`` would not wait
+(:mod:`coordinator.web.transport_send`).
 
 Limits: users' own streams should keep using sse-starlette's
 ``EventSourceResponse``; this response streams only a ``Subscription``.
@@ -41,7 +44,7 @@ import contextlib
 import contextvars
 import logging
 import weakref
-from collections.abc import Awaitable, Coroutine, Generator
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from types import CoroutineType
 from typing import Any
 
@@ -54,6 +57,7 @@ from coordinator.settings import CoordinatorSettings
 from coordinator.tasks import cancel_and_wait
 from coordinator.web.direct_send import stream_send
 from coordinator.web.shutdown import server_is_exiting
+from coordinator.web.transport_send import transport_writer
 
 logger = logging.getLogger("coordinator.relay")
 
@@ -92,6 +96,7 @@ class ChannelEventResponse(Response):
         self._first = retry_frame(settings.sse_retry_ms) + hello_frame(settings.instance_id)
         self._ping_s = settings.sse_ping_s
         self._send: Send | None = None
+        self._direct: Callable[[bytes], bool] | None = None
         self._context: contextvars.Context | None = None
         self._writing: asyncio.Task[None] | None = None
         self._timer: asyncio.Timeout | None = None
@@ -105,6 +110,7 @@ class ChannelEventResponse(Response):
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             send = stream_send(scope, send)  # the body past pass-through wrappers
+            self._direct = transport_writer(send)
             await send(_body(self._first))
             while (chunk := sub.take()) is not None:  # the replay, before going live
                 await send(_body(chunk))
@@ -170,6 +176,13 @@ class ChannelEventResponse(Response):
             self._wake()
 
     def _write(self, chunk: bytes) -> None:
+        if self._direct is not None:
+            try:
+                if self._direct(chunk):
+                    return
+            except Exception as exc:  # as a failed send: the transport is gone
+                self._fail(exc)
+                return
         assert self._send is not None and self._context is not None
         sending = self._send(_body(chunk))
         coro = sending if type(sending) is CoroutineType else _await(sending)
@@ -324,3 +337,10 @@ def open_streams() -> int:
     """Relay streams open on this event loop (for tests and diagnostics)."""
     streams = _BY_LOOP.get(asyncio.get_running_loop())
     return len(streams._open) if streams is not None else 0
+
+
+def transport_streams() -> int:
+    """Of :func:`open_streams`, those that write their chunks straight to the server's
+    transport when they can (:mod:`coordinator.web.transport_send`)."""
+    streams = _BY_LOOP.get(asyncio.get_running_loop())
+    return sum(s._direct is not None for s in streams._open) if streams is not None else 0

@@ -41,9 +41,11 @@ class AppCluster:
         app: str = "tests.support.relay_app:app",
         command: Callable[[int], Sequence[str]] | None = None,
         cwd: Path = ROOT,
+        uvicorn_args: Sequence[str] = (),
     ) -> None:
         """``command``, given a port, returns a command line to run instead of uvicorn's own
-        (an image's CMD): it must serve on that port with ``workers`` workers, from ``cwd``."""
+        (an image's CMD): it must serve on that port with ``workers`` workers, from ``cwd``.
+        ``uvicorn_args`` go after uvicorn's own options (a later option wins)."""
         self.port = free_port()
         self.workers = workers
         self.base = f"http://{HOST}:{self.port}"
@@ -74,6 +76,7 @@ class AppCluster:
             str(WORKER_HEALTHCHECK_S),
             "--timeout-graceful-shutdown",
             "20",
+            *uvicorn_args,
             env=full_env,
             name=f"uvicorn:{self.port}",
         )

@@ -3,9 +3,11 @@ one more middleware that records the body bytes of every relay stream it passes.
 
 ``RECORDER=outside`` adds the recorder after ``install`` (outside
 :class:`~coordinator.web.direct_send.DirectStreamWrites`); ``RECORDER=inside`` adds
-it before (inside, which must turn the shortcut off). ``GET /recorded`` answers
-what this process's recorder saw: the bodies it passed, joined, and whether the
-stream's scope offered the direct ``send``.
+it before (inside, which must turn the shortcut off); ``RECORDER=none`` adds none.
+``GET /recorded`` answers what this process's recorder saw: the bodies it passed,
+joined, and whether the stream's scope offered the direct ``send``; how many relay
+streams are open, and how many of them write their chunks straight to uvicorn's transport
+(:mod:`coordinator.web.transport_send`).
 
 Run: ``uvicorn tests.support.recorded_app:app --workers 1`` with ``REDIS_URL``,
 ``COORDINATOR_NAMESPACE`` and ``RECORDER`` set.
@@ -22,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from coordinator import Coordinator, CoordinatorSettings
 from coordinator.web.direct_send import STREAM_SEND
+from coordinator.web.stream import open_streams, transport_streams
 
 RECORDED: dict[str, Any] = {"body": b"", "direct": None}
 
@@ -50,6 +53,8 @@ class Recorder:
 coordinator = Coordinator(CoordinatorSettings())
 app = FastAPI(lifespan=coordinator.lifespan)
 place = os.environ["RECORDER"]
+if place not in ("inside", "outside", "none"):
+    raise ValueError(f"RECORDER must be inside, outside or none, not {place!r}")
 if place == "inside":
     app.add_middleware(Recorder)
 coordinator.install(app, sessions=True)
@@ -59,4 +64,11 @@ if place == "outside":
 
 @app.get("/recorded")
 async def recorded() -> JSONResponse:
-    return JSONResponse({"body": RECORDED["body"].decode("utf-8"), "direct": RECORDED["direct"]})
+    return JSONResponse(
+        {
+            "body": RECORDED["body"].decode("utf-8"),
+            "direct": RECORDED["direct"],
+            "open_streams": open_streams(),
+            "transport_streams": transport_streams(),
+        }
+    )
