@@ -25,12 +25,15 @@ For each system and client count N:
    ``--idle 2000`` adds a dedicated run per system with 2,000 idle streams and
    nothing else, the issue's measure ("at most 30 KiB of worker RSS per idle
    stream, as the RSS delta for 2,000 idle streams").
-2. latency: ``--events`` events at ``--rate``/s from 4 keep-alive HTTP connections
+2. latency: after :data:`WARMUP_EVENTS` unmeasured events, ``--events`` events at
+   ``--rate``/s from 4 keep-alive HTTP connections
    (:class:`Publisher`, raw HTTP/1.1 so the driver costs little CPU; payload
    ``{"phase", "seq", "t": time.monotonic()}``); for every (stream, event) the
    receive time minus ``t``: p50, p99, and the share of deliveries that arrived. The
-   JSON also has the phase by event (``per_event``: each event's p50, p99 and max,
-   ``slowest_events``, and ``events_over_p99``, how many events have their own p99
+   JSON also has the phase by event (``per_event``: each event's p50, p99, max and
+   ``post_ms``, the round trip of the POST that published it, and ``client_gc_ms``,
+   the load client's garbage-collection pauses while it was delivered; ``slowest_events``;
+   and ``events_over_p99``, how many events have their own p99
    above the phase's): a few such events mean the p99 was set by a few slow moments,
    not by every event.
 3. burst: ``--burst`` events as fast as the 4 publishers go; delivered events/s =
@@ -289,14 +292,28 @@ class LoadClients:
 
     async def per_event(self) -> list[dict[str, float]]:
         """The latency phase by event, in publish order: ``seq``, ``t`` (s after the
-        first event was published), deliveries ``n``, and ``p50``/``p99``/``max`` ms."""
+        first event was published), deliveries ``n``, ``p50``/``p99``/``max`` ms, and
+        ``client_gc_ms``: the longest time one load process spent in garbage-collection
+        pauses while that event was being delivered (from publish to its last delivery)."""
         latencies: dict[int, list[float]] = {}
         published: dict[int, float] = {}
+        pauses: list[list[list[float]]] = []
         for part in await self.ask("events"):
             for seq, t, values in part["events"]:
                 latencies.setdefault(seq, []).extend(v / 1000 for v in values)
                 published[seq] = t
+            pauses.append(part.get("gc", []))
         start = min(published.values(), default=0.0)
+
+        def gc_ms(begin: float, end: float) -> float:
+            return max(
+                (
+                    sum(ms for at, ms in process if at < end and at + ms / 1000 > begin)
+                    for process in pauses
+                ),
+                default=0.0,
+            )
+
         return [
             {
                 "seq": seq,
@@ -305,6 +322,9 @@ class LoadClients:
                 "p50": round(percentile(values, 50), 2),
                 "p99": round(percentile(values, 99), 2),
                 "max": round(max(values), 2),
+                "client_gc_ms": round(
+                    gc_ms(published[seq], published[seq] + max(values) / 1000), 2
+                ),
             }
             for seq, values in sorted(latencies.items())
         ]
@@ -409,10 +429,16 @@ async def publishers(base: str) -> list[Publisher]:
 
 
 async def publish_phase(
-    clients: list[Publisher], phase: str, count: int, rate: float | None, errors: list[Any]
+    clients: list[Publisher],
+    phase: str,
+    count: int,
+    rate: float | None,
+    errors: list[Any],
+    post_s: dict[int, float] | None = None,
 ) -> float:
     """Publish ``count`` events, ``rate``/s or as fast as possible; returns when it began.
-    Failed publishes are appended to ``errors`` (a failing system is a result too)."""
+    Failed publishes are appended to ``errors`` (a failing system is a result too); each
+    successful POST's round trip (from ``t`` to its response) goes to ``post_s[seq]``."""
     first = time.monotonic()
 
     async def worker(index: int) -> None:
@@ -424,6 +450,8 @@ async def publish_phase(
                 status = await clients[index].post(PATH, json.dumps(body).encode())
                 if status != 202:
                     errors.append(status)
+                elif post_s is not None:
+                    post_s[seq] = time.monotonic() - body["data"]["t"]
             except (
                 OSError,
                 asyncio.IncompleteReadError,
@@ -455,6 +483,11 @@ async def settle(
 
 # -- one system at one client count ---------------------------------------------------------
 
+
+WARMUP_EVENTS = 10
+"""Events published (at ``--rate``) and delivered before the latency phase, not measured:
+without them the phase's first event was the slowest of the phase for every system,
+the load client's parsing then still running in V8's interpreter."""
 
 BURST_DELIVERIES = 200_000
 """A burst publishes enough events for this many deliveries (at least ``--burst``), so
@@ -575,12 +608,21 @@ async def run_one(
                 return result
             errors: list[Any] = []
             clients = await publishers(cluster.base)
-            await publish_phase(clients, "latency", args.events, args.rate, errors)
+            # The load client's event path runs first in V8's interpreter: warm it (and
+            # each system's own first-event paths) up before measuring.
+            await publish_phase(clients, "warmup", WARMUP_EVENTS, args.rate, errors)
+            await settle(load, "warmup", WARMUP_EVENTS * streams)
+            warm = meter.snapshot()
+            post_s: dict[int, float] = {}
+            await publish_phase(clients, "latency", args.events, args.rate, errors, post_s)
             stats = await settle(load, "latency", args.events * streams)
             cpu2 = meter.snapshot()
             hist = await load.histogram("latency")
             delivered = sum(count for _, count in hist)
             by_event = await load.per_event()
+            for event in by_event:  # the publish's own round trip, to tell a slow publish
+                if (took := post_s.get(int(event["seq"]))) is not None:
+                    event["post_ms"] = round(took * 1000, 2)
             p99 = hist_percentile(hist, 99)
             result |= {
                 "events_over_p99": sum(1 for e in by_event if e["p99"] > p99),
@@ -590,7 +632,7 @@ async def run_one(
                 "p99_ms": p99,
                 "max_ms": hist[-1][0] if hist else math.nan,
                 "delivered_pct": 100 * delivered / max(1, args.events * streams),
-                "cpu_latency": delta(cpu1, cpu2),
+                "cpu_latency": delta(warm, cpu2),
             }
             cpu3 = cpu2
             if args.burst:
@@ -612,7 +654,7 @@ async def run_one(
                     key: round(result["cpu_burst"][key] * per, 2)
                     for key in ("server", "client", "redis")
                 }
-            measured = delta(cpu1, cpu3)
+            measured = delta(warm, cpu3)
             busiest = result.get("cpu_burst", result["cpu_latency"])  # the burst, if any
             busy = busiest["client"] / max(1e-6, busiest["wall"] * len(load.procs))
             result |= {

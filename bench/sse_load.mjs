@@ -20,15 +20,18 @@
 //                 {count, first, last}}, other_events, bad_events}  (first/last: monotonic s)
 //   hist PHASE    {"type":"hist", phase, buckets: [[latency_ms, count], ...]} (sparse:
 //                 10 us wide below 100 ms, 1 ms wide above, 120 s cap)
-//   events        {"type":"events", events: [[seq, t, [latency_us, ...]], ...]}: every
-//                 delivery of the `latency` phase by event (its `seq` and publish time
-//                 `t`), to tell a slow event from a slow stream
+//   events        {"type":"events", events: [[seq, t, [latency_us, ...]], ...], gc: [[start,
+//                 ms], ...]}: every delivery of the `latency` phase by event (its `seq` and
+//                 publish time `t`), to tell a slow event from a slow stream; and this
+//                 process's garbage-collection pauses of 1 ms or more (start: monotonic s),
+//                 to tell a slow server from a client that paused
 //   close         closes every stream, answers {"type":"closed"} and exits
 //
 // Nothing per event is allocated beyond the parse (and, in the `latency` phase, one number
 // per delivery for `events`), and nothing is printed per event.
 
 import net from "node:net";
+import { PerformanceObserver, performance } from "node:perf_hooks";
 import readline from "node:readline";
 
 const opts = JSON.parse(process.argv[2] ?? "{}");
@@ -77,6 +80,15 @@ function recordEvent(seq, t, latency) {
   }
   entry[1].push(Math.round(latency * 1e6));
 }
+
+const gcPauses = []; // [start (monotonic s), duration ms]: V8's pauses of 1 ms or more
+new PerformanceObserver((list) => {
+  const at = now();
+  const perfNow = performance.now(); // entries' startTime is on this clock (ms)
+  for (const entry of list.getEntries()) {
+    if (entry.duration >= 1) gcPauses.push([at - (perfNow - entry.startTime) / 1000, entry.duration]);
+  }
+}).observe({ entryTypes: ["gc"] });
 
 const statuses = {};
 let connected = 0; // streams that answered 200
@@ -276,7 +288,11 @@ function hist(phase) {
 }
 
 function events() {
-  return { type: "events", events: [...perEvent].map(([seq, [t, lat]]) => [seq, t, lat]) };
+  return {
+    type: "events",
+    events: [...perEvent].map(([seq, [t, lat]]) => [seq, t, lat]),
+    gc: gcPauses,
+  };
 }
 
 async function main() {
