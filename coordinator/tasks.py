@@ -23,6 +23,12 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None, *, name: str = "") -> 
     while not task.done():
         task.cancel()
         await asyncio.wait({task}, timeout=0.1)
+    report_end(task, name)
+
+
+def report_end(task: asyncio.Task[Any], name: str = "") -> None:
+    """Log (WARNING, no traceback) the exception a finished ``task`` ended with, if any;
+    this also marks it retrieved, so asyncio never reports it as lost."""
     if not task.cancelled() and task.exception() is not None:
         logger.warning(
             "background task %s ended with %r", name or task.get_name(), task.exception()

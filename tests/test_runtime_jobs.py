@@ -240,6 +240,20 @@ async def test_full_restart_keeps_runtime_jobs_and_paused_state(make: Make) -> N
     assert all(c[3] == "b" for c in calls) and not [c for c in calls if c[0] == "held"]
 
 
+async def test_a_follower_stopped_with_its_term_has_ended_once_stop_returns(make: Make) -> None:
+    """Losing the lease cancels the runtime-jobs follower without waiting for it (the
+    elector's callback must not block); stopping then waits for it, so no follower task
+    outlives the scheduler to meet its Redis client closed (a Sentinel failover chaos run
+    caught one dying that way, its exception never retrieved)."""
+    a = make("a")
+    await a.start()
+    await leader_of(a)
+    a._follower.stop_nowait()  # what losing the lease does (LeaderScheduler._on_revoked)
+    await a._follower.stop()
+    alive = [t for t in asyncio.all_tasks() if t.get_name() == "runtime-jobs" and not t.done()]
+    assert alive == []
+
+
 async def test_run_request_waiting_for_a_leader_runs_once_when_one_is_elected(
     make: Make, topology: Topology, namespace: str
 ) -> None:

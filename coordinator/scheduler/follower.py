@@ -59,7 +59,7 @@ from coordinator.scheduler.triggers import build_trigger, is_final
 from coordinator.store.codec import text
 from coordinator.store.connection import ready_for_pubsub, recover_topology
 from coordinator.store.scripts import CLAIM_RUN, JOBS_INDEX
-from coordinator.tasks import cancel_and_wait
+from coordinator.tasks import cancel_and_wait, report_end
 
 if TYPE_CHECKING:
     from coordinator.scheduler.scheduler import LeaderScheduler
@@ -109,6 +109,8 @@ class RuntimeFollower:
         """Runtime date jobs due within the next seconds, with their timers."""
         self.paused: set[str] = set()
         self._task: asyncio.Task[None] | None = None
+        self._stopping: set[asyncio.Task[None]] = set()
+        """Tasks of ended terms, cancelled and not yet ended."""
         self.subscribed = asyncio.Event()
         self.reconciles = 0
         self.indexed = 0
@@ -122,15 +124,30 @@ class RuntimeFollower:
         self._task = asyncio.create_task(self._follow(term), name="runtime-jobs")
 
     def stop_nowait(self) -> None:
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-        self._task = None
+        """Stop following now (the term ended). The task is cancelled, and kept until it
+        has ended: :meth:`stop` waits for it, so it never outlives the scheduler (nor
+        meets its Redis client closed), and how it ended is logged, never lost."""
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            self._stopping.add(task)
+            task.add_done_callback(self._ended)
         self.due.clear()
 
     async def stop(self) -> None:
+        """Stop following and wait until every follower task, this term's and any
+        stopped before, has ended."""
         task, self._task = self._task, None
         self.due.clear()
         await cancel_and_wait(task, name="runtime-jobs")
+        stopping, self._stopping = self._stopping, set()
+        for old in stopping:
+            await cancel_and_wait(old, name="runtime-jobs")
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        if task in self._stopping:  # else stop() waited for it and reported how it ended
+            self._stopping.discard(task)
+            report_end(task, "runtime-jobs")
 
     async def _follow(self, term: Term) -> None:
         backoff = FullJitterBackoff(cap=2.0, base=0.05)
@@ -145,7 +162,7 @@ class RuntimeFollower:
                 self.subscribed.set()
                 failures = 0
                 next_poll = 0.0
-                while True:
+                while self._scheduler._runner.holds(term):  # also if a cancel got lost
                     wait = min(5.0, max(0.0, next_poll - time.monotonic()))
                     message = await pubsub.get_message(timeout=wait)
                     batch = [] if message is None else [text(message["data"])]
