@@ -34,8 +34,12 @@ Guarantees:
   ``Coordinator.install`` has its own shortcut). Routes that keep both (``Host``,
   ``Mount("")`` of a router) are checked with the rest: middleware there that is
   not known turns the shortcut off.
-- Middleware added outside it (after ``Coordinator.install``, or Starlette's
-  own server-error middleware) sees every chunk.
+- Middleware added outside it (after ``Coordinator.install``) sees every chunk:
+  :mod:`coordinator.web.transport_send` steps aside when anything but
+  Starlette's own server-error middleware wraps uvicorn's ``send``. That
+  server-error middleware sees the response start, and the chunks that go
+  through ``send``; live chunks written straight to uvicorn's transport pass it
+  by (it only notes whether the response has started).
 - Only relay streams use the shortcut; every other response is unaffected.
 
 Limits: the route's own wrapper is Starlette's (FastAPI's routes use the same
