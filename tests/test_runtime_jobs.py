@@ -484,6 +484,42 @@ async def test_an_unconfirmed_date_claim_is_handed_back_and_runs_once_confirmed(
         assert calls == [at], "ran once"
 
 
+@pytest.mark.slow
+async def test_a_date_fire_never_confirmed_is_recorded_missed_and_forgotten(
+    own_cluster: RedisClusterServers, namespace: str
+) -> None:
+    """With the replica SIGSTOPped for good, a runtime date job's fire is handed back
+    claim after claim until its grace (1 s) runs out; then it is recorded ``missed``,
+    once, never run, and the leader no longer counts its unconfirmed claims (the count
+    that sets its backoff is dropped with the fire, not kept for the process's life)."""
+    calls: list[datetime] = []
+    async with replicated_scheduler(own_cluster, namespace) as (s, replica):
+
+        @s.task("note")
+        async def note(ctx: JobContext) -> None:
+            calls.append(ctx.scheduled_at)
+
+        runner, redis = s._runner, s.redis
+        await s.start()
+        await leader_of(s)
+        replica.pause()
+        at = datetime.now(UTC) + timedelta(milliseconds=200)
+        at = at.replace(microsecond=at.microsecond // 1000 * 1000)  # kept in ms
+        trigger = {"type": "date", "run_date": iso(at)}
+        await s.runtime.add_job("note", trigger, id="d", misfire_grace_time=1)
+        await async_wait_until(
+            lambda: ("d", at) in runner._unreplicated, 10, message="an unconfirmed claim"
+        )
+
+        async def recorded() -> list[str]:
+            return [r.status for r in await history(redis, namespace) if r.job_id == "d"]
+
+        assert await async_wait_until(recorded, 15, message="the fire, missed") == ["missed"]
+        assert ("d", at) not in runner._unreplicated
+        assert calls == []
+        assert runner.stats.unreplicated >= 1
+
+
 async def test_a_hand_back_is_idempotent_and_refused_after_a_newer_claim(
     make: Make, redis_client: Redis, namespace: str
 ) -> None:

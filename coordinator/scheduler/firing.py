@@ -126,6 +126,10 @@ UNREPLICATED = -101
 """Local code: claimed on the primary, but ``WAIT`` did not confirm it; not run."""
 UNREPLICATED_BACKOFF_MAX_S = 1.0
 """Most time between the claims of a fire whose claims the replicas did not confirm."""
+UNREPLICATED_TRACKED_MAX = 10_000
+"""Most fires whose unconfirmed claims are counted (for the backoff) at once; the
+oldest is forgotten first (its next claim then backs off from the start). An entry goes
+when its fire is claimed with confirmation, refused, recorded missed or given up."""
 
 MAX_REDIS_SLOTS = 32
 """Upper bound of the Redis calls fires make at the same time (see :func:`redis_slots`)."""
@@ -214,7 +218,8 @@ class FireRunner:
         self._cancel_on_revoke = cancel_on_revoke
         self._turns: dict[str, _Turn] = {}
         self._unreplicated: dict[tuple[str, datetime], int] = {}
-        """Unconfirmed claims so far of each runtime date job's fire being retried."""
+        """Unconfirmed claims so far of each runtime date job's fire being retried (at most
+        :data:`UNREPLICATED_TRACKED_MAX` fires, in the order of their latest claim)."""
         self._slots = asyncio.Semaphore(redis_slots(redis))
         self._primaries = PrimaryClients(redis, elector.settings.redis_url)
         """Where a claim runs when ``WAIT`` must follow it (on Cluster: the slot's primary)."""
@@ -347,6 +352,8 @@ class FireRunner:
                     missed.append((t, f"{late:.3f}s late, over misfire_grace_time={grace}s"))
                 else:
                     due.append(t)
+            for t, _ in missed:  # a fire handed back until its grace ran out ends here
+                self._unreplicated.pop((job.id, t), None)
             events = await self._record_missed(term, job.id, missed, skipped, final_rev)
             for t in due:
                 if pending is not None:
@@ -612,8 +619,7 @@ class FireRunner:
             if hand_back is not None:
                 # Spawned, so stop()'s drain waits for it even if this task is cancelled.
                 why = "leadership lost between claim and start"
-                back = self.spawn(self._hand_back(job.id, t, hand_back, term.lease_value, why))
-                if await asyncio.shield(back):
+                if await self._give_back(job.id, t, hand_back, term, why):
                     return None
             await self._record(
                 job.id,
@@ -695,13 +701,28 @@ class FireRunner:
         hand_back = getattr(job, "hand_back", None)
         if hand_back is None:
             return
-        if len(self._unreplicated) > 10_000:  # fires that ended missed leave entries
-            self._unreplicated.clear()
-        self._unreplicated[job.id, t] = self._unreplicated.get((job.id, t), 0) + 1
+        tries = self._unreplicated.pop((job.id, t), 0) + 1
+        while len(self._unreplicated) >= UNREPLICATED_TRACKED_MAX:
+            # The oldest first: a fire whose job was removed meanwhile is never due again.
+            del self._unreplicated[next(iter(self._unreplicated))]
+        self._unreplicated[job.id, t] = tries
         why = "its claim was not confirmed by the replicas (COORDINATOR_MIN_REPLICAS)"
-        back = self.spawn(self._hand_back(job.id, t, hand_back, term.lease_value, why))
-        if not await asyncio.shield(back):
+        if not await self._give_back(job.id, t, hand_back, term, why):
             await self._record(job.id, t, term, "cancelled", int(time.time() * 1000), why, False)
+
+    async def _give_back(
+        self,
+        job_id: str,
+        t: datetime,
+        hand_back: Callable[[str], Awaitable[bool]],
+        term: Term,
+        why: str,
+    ) -> bool:
+        """:meth:`_hand_back` in a task of its own (:meth:`spawn`), so that ``stop()``'s
+        drain waits for it even if the caller is cancelled; True if the fire went back."""
+        return await asyncio.shield(
+            self.spawn(self._hand_back(job_id, t, hand_back, term.lease_value, why))
+        )
 
     async def _hand_back(
         self,
