@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from coordinator.web import (
         ChannelEventResponse,
         Coordinator,
+        DirectStreamWrites,
         allow_all,
         bearer_token_policy,
         begin_session,
@@ -68,6 +69,7 @@ _WEB = frozenset(
     {
         "ChannelEventResponse",
         "Coordinator",
+        "DirectStreamWrites",
         "allow_all",
         "bearer_token_policy",
         "begin_session",
@@ -94,6 +96,7 @@ __all__ = [
     "Coordinator",
     "CoordinatorError",
     "CoordinatorSettings",
+    "DirectStreamWrites",
     "EventId",
     "EventRelay",
     "EventTooLargeError",

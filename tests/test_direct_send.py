@@ -83,10 +83,13 @@ def test_user_middleware_outside_keeps_it_inside_turns_it_off() -> None:
     assert not shortcut_on(inside)
 
 
-async def stream_through(app: AppCluster, events: int = 30) -> tuple[SSEClient, dict[str, Any]]:
-    """Start ``app`` (``tests.support.recorded_app``), open one stream, publish ``events``
-    events and wait for them; returns the client and ``GET /recorded`` (asked while the
-    stream is still open)."""
+async def stream_through(
+    app: AppCluster, events: int = 30, stats: str = "/recorded"
+) -> tuple[SSEClient, dict[str, Any]]:
+    """Start ``app`` (``tests.support.recorded_app``, or with ``stats="/relay/stats"``
+    ``tests.support.relay_app``), open one stream, publish ``events`` events and wait
+    for them; returns the client and ``GET stats`` (asked while the stream is still
+    open)."""
     async with app.running(exit_codes=(0, -15)):
         client = await SSEClient(HOST, app.port, "/api/channels/rec/events").connect()
         assert client.status == 200, client.body
@@ -99,7 +102,7 @@ async def stream_through(app: AppCluster, events: int = 30) -> tuple[SSEClient, 
             await async_wait_until(
                 lambda: len(client.of("message")) >= events, timeout=30, message="all events"
             )
-            recorded = (await app.get("/recorded")).json()
+            recorded = (await app.get(stats)).json()
         finally:
             await client.close()
     assert [m.json()["seq"] for m in client.of("message")] == list(range(events))
@@ -157,6 +160,27 @@ async def test_chunks_go_straight_to_uvicorns_transport_only_where_nothing_wraps
     ids = [parse_event_id(m.id) for m in client.of("message") if m.id]
     assert len(ids) == 200 and ids == sorted(ids)
     assert client.of("hello"), "the hello event comes first, as always"
+
+
+@pytest.mark.parametrize(("direct_writes", "transport"), [("1", 1), ("0", 0)])
+async def test_the_router_alone_takes_both_shortcuts_with_the_middleware_only(
+    redis_url: str, namespace: str, direct_writes: str, transport: int
+) -> None:
+    """``channel_router`` in a plain FastAPI app, on a real uvicorn worker (httptools):
+    with ``app.add_middleware(DirectStreamWrites)``, as the README shows, the stream
+    writes to uvicorn's transport; without it, the route's own ``send`` wrapper is in
+    the way and every chunk goes through ``send``. Every event arrives either way."""
+    app = AppCluster(
+        redis_url,
+        namespace,
+        workers=1,
+        env={"RELAY_DIRECT_WRITES": direct_writes, "COORDINATOR_SSE_PING_S": "60"},
+    )
+    client, stats = await stream_through(app, events=50, stats="/relay/stats")
+    assert stats["open_streams"] == 1
+    assert stats["transport_streams"] == transport
+    ids = [parse_event_id(m.id) for m in client.of("message") if m.id]
+    assert len(ids) == 50 and ids == sorted(ids)
 
 
 class Recording:

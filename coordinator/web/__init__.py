@@ -7,6 +7,7 @@ cluster-wide per-client limits and ``/metrics``.
 
 from coordinator.web.authz import Authorizer, allow_all, bearer_token_policy
 from coordinator.web.coordinator import Coordinator
+from coordinator.web.direct_send import DirectStreamWrites
 from coordinator.web.sessions import begin_session, end_session, install_sessions, session_data
 from coordinator.web.sse import channel_router
 from coordinator.web.state import state_router
@@ -16,6 +17,7 @@ __all__ = [
     "Authorizer",
     "ChannelEventResponse",
     "Coordinator",
+    "DirectStreamWrites",
     "allow_all",
     "bearer_token_policy",
     "begin_session",

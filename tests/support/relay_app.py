@@ -6,7 +6,9 @@ Run: ``uvicorn tests.support.relay_app:app --workers 4`` from the repo root, wit
 Paths: the channel router under ``/api/channels``, ``/readyz`` (200 when the
 relay is subscribed, else 503), ``/relay/stats`` (this worker's counters, its
 open relay streams, asyncio tasks and file descriptors).
-Every answer carries ``X-Coordinator-Instance``.
+Every answer carries ``X-Coordinator-Instance``. ``RELAY_DIRECT_WRITES=1`` adds
+:class:`~coordinator.DirectStreamWrites`, as the README tells users of the router alone
+(the benchmark's bare relay runs without it).
 """
 
 from __future__ import annotations
@@ -19,9 +21,15 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
-from coordinator import CoordinatorSettings, EventRelay, RedisUnavailableError, channel_router
+from coordinator import (
+    CoordinatorSettings,
+    DirectStreamWrites,
+    EventRelay,
+    RedisUnavailableError,
+    channel_router,
+)
 from coordinator.settings import default_instance_id
-from coordinator.web.stream import open_streams
+from coordinator.web.stream import open_streams, transport_streams
 
 settings = CoordinatorSettings(instance_id=f"{default_instance_id()}")
 relay = EventRelay(settings)
@@ -39,6 +47,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 app = FastAPI(lifespan=lifespan)
 app.include_router(channel_router(relay, settings))
+if os.environ.get("RELAY_DIRECT_WRITES") == "1":
+    app.add_middleware(DirectStreamWrites)
 
 
 @app.get("/readyz")
@@ -62,6 +72,7 @@ async def stats() -> JSONResponse:
             "backfilled_events": relay.stats.backfilled_events,
             "resets_sent": relay.stats.resets_sent,
             "open_streams": open_streams(),
+            "transport_streams": transport_streams(),
             "tasks": len(asyncio.all_tasks()),
             "fds": len(os.listdir("/proc/self/fd")),
         },
