@@ -85,7 +85,11 @@ PASS_THROUGH = frozenset(
 
 class DirectStreamWrites:
     """ASGI middleware: lets relay streams under it send body chunks past the
-    pass-through middleware inside it (module doc). ``Coordinator.install`` adds it."""
+    pass-through middleware inside it (module doc). ``Coordinator.install`` adds it;
+    an app that serves :func:`~coordinator.channel_router` without ``Coordinator``
+    adds it itself (``app.add_middleware(DirectStreamWrites)``, after its own
+    middleware). Without it, a stream's chunks pass every wrapper and uvicorn's
+    ``send`` (:mod:`coordinator.web.transport_send` needs uvicorn's own ``send``)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
