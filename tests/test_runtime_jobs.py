@@ -6,6 +6,7 @@ exactly as they do between workers. Multi-worker HTTP tests: test_runtime_jobs_w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
@@ -33,7 +34,7 @@ from coordinator.errors import (
 )
 from coordinator.scheduler.runs import RunHistory
 from coordinator.store.scripts import CLAIM_FIRE, DUE_PRUNE
-from coordinator.testing import async_wait_until
+from coordinator.testing import RedisServer, async_wait_until
 from coordinator.testing.topologies import RedisClusterServers
 
 from .support.timing import FAST
@@ -444,6 +445,36 @@ async def test_a_date_fire_claimed_by_a_leader_that_lost_its_term_is_handed_back
     assert len(calls) == 1
 
 
+@contextlib.asynccontextmanager
+async def unconfirmed_date_job(
+    cluster: RedisClusterServers, namespace: str, grace: int
+) -> AsyncIterator[tuple[LeaderScheduler, RedisServer, datetime, list[datetime]]]:
+    """A leading :func:`replicated_scheduler` with its replica SIGSTOPped and a runtime
+    date job ``d`` (task ``note``, ``misfire_grace_time=grace``) due 200 ms from now:
+    yields the scheduler, the replica, the fire's time (in ms) and the times ``note``
+    ran at."""
+    calls: list[datetime] = []
+    async with replicated_scheduler(cluster, namespace) as (s, replica):
+
+        @s.task("note")
+        async def note(ctx: JobContext) -> None:
+            calls.append(ctx.scheduled_at)
+
+        await s.start()
+        await leader_of(s)
+        replica.pause()
+        at = datetime.now(UTC) + timedelta(milliseconds=200)
+        at = at.replace(microsecond=at.microsecond // 1000 * 1000)  # kept in ms
+        trigger = {"type": "date", "run_date": iso(at)}
+        await s.runtime.add_job("note", trigger, id="d", misfire_grace_time=grace)
+        yield s, replica, at, calls
+
+
+async def run_statuses(redis: Redis, namespace: str, job_id: str) -> list[str]:
+    """The statuses of ``job_id``'s recorded runs."""
+    return [r.status for r in await history(redis, namespace) if r.job_id == job_id]
+
+
 @pytest.mark.slow
 async def test_an_unconfirmed_date_claim_is_handed_back_and_runs_once_confirmed(
     own_cluster: RedisClusterServers, namespace: str
@@ -452,34 +483,20 @@ async def test_an_unconfirmed_date_claim_is_handed_back_and_runs_once_confirmed(
     a runtime date job's fire is confirmed: each is handed back (the job stays pending,
     nothing runs, nothing is lost). Resumed within the job's grace, the replica confirms
     the next claim and the fire runs once."""
-    calls: list[datetime] = []
-    async with replicated_scheduler(own_cluster, namespace) as (s, replica):
-
-        @s.task("note")
-        async def note(ctx: JobContext) -> None:
-            calls.append(ctx.scheduled_at)
-
+    async with unconfirmed_date_job(own_cluster, namespace, grace=60) as (s, replica, at, calls):
         runner, redis = s._runner, s.redis
-        await s.start()
-        await leader_of(s)
-        replica.pause()
-        at = datetime.now(UTC) + timedelta(milliseconds=200)
-        at = at.replace(microsecond=at.microsecond // 1000 * 1000)  # kept in ms
-        trigger = {"type": "date", "run_date": iso(at)}
-        await s.runtime.add_job("note", trigger, id="d", misfire_grace_time=60)
         await async_wait_until(
             lambda: runner.stats.handed_back >= 3, 15, message="unconfirmed claims handed back"
         )
         assert calls == [] and runner.stats.unreplicated >= 3
-        assert not [r for r in await history(redis, namespace) if r.job_id == "d"]
+        assert await run_statuses(redis, namespace, "d") == []
         replica.resume()
         await async_wait_until(lambda: calls, 15, message="the fire, once confirmed")
         assert calls == [at]
-
-        async def recorded() -> list[str]:
-            return [r.status for r in await history(redis, namespace) if r.job_id == "d"]
-
-        assert await async_wait_until(recorded, 5, message="its record") == ["ok"]
+        recorded = await async_wait_until(
+            lambda: run_statuses(redis, namespace, "d"), 5, message="its record"
+        )
+        assert recorded == ["ok"]
         assert await s.list_jobs() == []
         assert calls == [at], "ran once"
 
@@ -492,29 +509,15 @@ async def test_a_date_fire_never_confirmed_is_recorded_missed_and_forgotten(
     claim after claim until its grace (1 s) runs out; then it is recorded ``missed``,
     once, never run, and the leader no longer counts its unconfirmed claims (the count
     that sets its backoff is dropped with the fire, not kept for the process's life)."""
-    calls: list[datetime] = []
-    async with replicated_scheduler(own_cluster, namespace) as (s, replica):
-
-        @s.task("note")
-        async def note(ctx: JobContext) -> None:
-            calls.append(ctx.scheduled_at)
-
+    async with unconfirmed_date_job(own_cluster, namespace, grace=1) as (s, _, at, calls):
         runner, redis = s._runner, s.redis
-        await s.start()
-        await leader_of(s)
-        replica.pause()
-        at = datetime.now(UTC) + timedelta(milliseconds=200)
-        at = at.replace(microsecond=at.microsecond // 1000 * 1000)  # kept in ms
-        trigger = {"type": "date", "run_date": iso(at)}
-        await s.runtime.add_job("note", trigger, id="d", misfire_grace_time=1)
         await async_wait_until(
             lambda: ("d", at) in runner._unreplicated, 10, message="an unconfirmed claim"
         )
-
-        async def recorded() -> list[str]:
-            return [r.status for r in await history(redis, namespace) if r.job_id == "d"]
-
-        assert await async_wait_until(recorded, 15, message="the fire, missed") == ["missed"]
+        recorded = await async_wait_until(
+            lambda: run_statuses(redis, namespace, "d"), 15, message="the fire, missed"
+        )
+        assert recorded == ["missed"]
         assert ("d", at) not in runner._unreplicated
         assert calls == []
         assert runner.stats.unreplicated >= 1
